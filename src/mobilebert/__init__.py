@@ -1,0 +1,34 @@
+"""mobilebert: MobileBERT (Sun et al., ACL 2020) end to end in PyTorch."""
+
+from mobilebert.config import PRESETS, MobileBertConfig, preset
+from mobilebert.errors import UserError
+from mobilebert.heads import (
+    MobileBertForMaskedLM,
+    MobileBertForMultipleChoice,
+    MobileBertForNextSentencePrediction,
+    MobileBertForPreTraining,
+    MobileBertForQuestionAnswering,
+    MobileBertForSequenceClassification,
+    MobileBertForTokenClassification,
+)
+from mobilebert.model import MobileBertModel
+from mobilebert.stats import count_flops, count_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "MobileBertConfig",
+    "MobileBertForMaskedLM",
+    "MobileBertForMultipleChoice",
+    "MobileBertForNextSentencePrediction",
+    "MobileBertForPreTraining",
+    "MobileBertForQuestionAnswering",
+    "MobileBertForSequenceClassification",
+    "MobileBertForTokenClassification",
+    "MobileBertModel",
+    "UserError",
+    "count_flops",
+    "count_parameters",
+    "preset",
+]

@@ -1,0 +1,3 @@
+from mobilebert.cli import main
+
+raise SystemExit(main())

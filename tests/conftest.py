@@ -1,0 +1,52 @@
+"""Shared test helpers: tiny configurations of every variant and random-weight utilities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Tiny versions of the four architectures in transformers' field names (MOBILEBERT.md §2).
+TINY = dict(vocab_size=99, hidden_size=32, embedding_size=16, intra_bottleneck_size=16, num_hidden_layers=3,
+            num_attention_heads=2, intermediate_size=24, num_feedforward_networks=2, max_position_embeddings=64)
+VARIANTS = {
+    "mobilebert": {},
+    "mobilebert-tiny": dict(use_bottleneck_attention=True, key_query_shared_bottleneck=False),
+    "mobilebert-no-opt": dict(normalization_type="layer_norm", hidden_act="gelu"),
+    # The teacher's structure where transformers can run it: intra width equal to inter width.
+    "ib-bert": dict(intra_bottleneck_size=32, key_query_shared_bottleneck=False, num_feedforward_networks=1,
+                    intermediate_size=64, normalization_type="layer_norm", hidden_act="gelu_new"),
+}
+
+
+def randomize(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Replace every parameter (norms too) by noise, so no weight is left at an identity-like init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def padded_batch(vocab: int = 99, batch: int = 3, length: int = 11, seed: int = 0) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and token_type_ids of a batch whose rows have different padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, length - 3 * row:] = 0
+    ids[mask == 0] = 0
+    types = torch.zeros_like(ids)
+    types[:, length // 2:] = 1
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |ours − reference| / max |reference|: a tolerance that scales with MobileBERT's huge activations."""
+    return ((ours.float() - reference.float()).abs().max() / reference.float().abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def tiny_cfg():
+    import mobilebert as mb
+
+    return mb.MobileBertConfig(**TINY)
