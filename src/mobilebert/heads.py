@@ -119,14 +119,26 @@ class MobileBertForPreTraining(_TaskModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 next_sentence_label: torch.Tensor | None = None, output_hidden_states: bool = False,
-                output_attentions: bool = False, output_attention_scores: bool = False) -> PreTrainingOutput:
+                output_attentions: bool = False, output_attention_scores: bool = False,
+                masked_only: bool = False) -> PreTrainingOutput:
         """`labels` (B, T): the original token at masked positions, -100 elsewhere; `next_sentence_label` (B,):
-        0 when sentence B follows A, 1 when it is random."""
+        0 when sentence B follows A, 1 when it is random.
+
+        `masked_only=True` computes vocabulary logits only where `labels` != -100: `prediction_logits` is then
+        (N, V) for those N positions in row-major order. Pre-training needs no more, and skips most of the
+        largest matrix product.
+        """
         enc = self.mobilebert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
                               output_attentions=output_attentions, output_attention_scores=output_attention_scores)
-        logits = self.mlm(enc.last_hidden_state, self.mobilebert.embeddings.word.weight)  # (B, T, V)
+        h = enc.last_hidden_state  # (B, T, D)
+        if masked_only:
+            if labels is None:
+                raise ValueError("masked_only=True needs labels to know which positions are masked")
+            h, labels = h[labels != -100], labels[labels != -100]  # (N, D), (N,)
+        logits = self.mlm(h, self.mobilebert.embeddings.word.weight)  # (B, T, V) or (N, V)
         nsp_logits = self.nsp(enc.pooler_output)  # (B, 2)
-        mlm_loss = None if labels is None else F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        mlm_loss = None if labels is None else F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                               labels.reshape(-1))
         nsp_loss = None if next_sentence_label is None else F.cross_entropy(nsp_logits, next_sentence_label.view(-1))
         losses = [x for x in (mlm_loss, nsp_loss) if x is not None]
         return PreTrainingOutput(loss=sum(losses) if losses else None, prediction_logits=logits,

@@ -1,0 +1,171 @@
+"""Recipe configuration flows one way: typed dataclass defaults → YAML file → `--key value` overrides.
+
+A recipe's options are a dataclass of section dataclasses (`model`, `data`, `train`, ...). YAML is read with
+`safe_load`; nothing is evaluated. Unknown keys and values of the wrong type are `UserError`s that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from mobilebert.errors import UserError
+
+T = TypeVar("T")
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build `cls` from its defaults, then the YAML file at `path`, then `overrides` (`["--train.lr", "1e-3"]`)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    for key, value in _parse_overrides(overrides or []):
+        section, _, leaf = _resolve_key(cls, key).partition(".")
+        target = data.setdefault(section, {}) if leaf else data
+        if leaf and not isinstance(target, dict):
+            raise UserError(f"config section '{section}' must be a mapping")
+        target[leaf or section] = value
+    return _build(cls, data, prefix="", source=str(path) if path else "defaults")
+
+
+def to_dict(options: Any) -> dict[str, Any]:
+    return dataclasses.asdict(options)
+
+
+def save_config(options: Any, path: Path) -> None:
+    from mobilebert.checkpoint import atomic_write
+
+    text = yaml.safe_dump(to_dict(options), sort_keys=False)
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise UserError(f"unexpected argument {arg!r}; overrides look like --train.lr 1e-3")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise UserError(f"override --{key} needs a value")
+            value, i = args[i + 1], i + 1
+        pairs.append((key.replace("-", "_"), value))
+        i += 1
+    return pairs
+
+
+def _leaf_keys(cls: type) -> list[str]:
+    keys, hints = [], typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(f"{f.name}.{sub.name}" for sub in dataclasses.fields(hints[f.name]))
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _resolve_key(cls: type, key: str) -> str:
+    """A dotted key, or a leaf name that is unique across sections (`--lr` for `--train.lr`)."""
+    keys = _leaf_keys(cls)
+    if key in keys:
+        return key
+    matches = [k for k in keys if k.rpartition(".")[2] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise UserError(f"override --{key} is ambiguous: use one of {', '.join('--' + m for m in matches)}")
+    close = difflib.get_close_matches(key, keys, n=1)
+    raise UserError(f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+
+
+def _build(cls: type[T], data: Any, prefix: str, source: str) -> T:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            raise UserError(f"{source}: unknown config key '{prefix}{key}'"
+                            + (f" (did you mean '{prefix}{close[0]}'?)" if close else ""))
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(value, kind, f"{prefix}{name}", source)
+    try:
+        return cls(**kwargs)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
+    """Check (and, for strings from the command line, convert) a value against its annotation."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in options):
+        if type(None) in options:
+            return None
+        raise UserError(f"{source}: {key} must not be empty")
+    for option in options:
+        converted = _convert(value, option)
+        if converted is not _FAIL:
+            return converted
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    raise UserError(f"{source}: {key} must be {names}, got {value!r}")
+
+
+_FAIL = object()
+
+
+def _convert(value: Any, kind: Any) -> Any:
+    origin = typing.get_origin(kind) or kind
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        return _FAIL
+    if kind in (int, float):
+        if isinstance(value, bool):
+            return _FAIL
+        if isinstance(value, (int, float)) and (kind is float or float(value).is_integer()):
+            return kind(value)
+        if isinstance(value, str):
+            try:
+                return kind(float(value)) if kind is float else int(value)
+            except ValueError:
+                return _FAIL
+        return _FAIL
+    if kind is str:
+        return value if isinstance(value, str) else _FAIL
+    if origin in (list, tuple, dict):
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                return _FAIL
+        return origin(value) if isinstance(value, origin if origin is not tuple else (list, tuple)) else _FAIL
+    return value if kind is Any else _FAIL

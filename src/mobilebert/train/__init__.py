@@ -1,0 +1,1 @@
+"""Training machinery shared by the recipes: optimizers, learning-rate schedules, gradient clipping."""

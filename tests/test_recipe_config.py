@@ -1,0 +1,65 @@
+"""Configuration flow: dataclass defaults → YAML → command-line overrides, with clear errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from mobilebert.errors import UserError
+from mobilebert.recipe_config import load_config, save_config
+
+
+@dataclass
+class Model:
+    preset: str = "mobilebert"
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class Train:
+    lr: float = 1e-3
+    steps: int = 10
+    bf16: bool = False
+    micro: int | None = None
+
+
+@dataclass
+class Options:
+    model: Model = field(default_factory=Model)
+    train: Train = field(default_factory=Train)
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  preset: ib-bert-demo\ntrain:\n  lr: 2.0e-3\n  steps: 5\n")
+    opts = load_config(Options, path, ["--train.steps", "7", "--lr=1e-4", "--bf16", "true", "--micro", "none",
+                                       "--model.overrides", "{num_hidden_layers: 2}"])
+    assert opts.model.preset == "ib-bert-demo"
+    assert opts.train.lr == 1e-4 and opts.train.steps == 7 and opts.train.bf16 is True and opts.train.micro is None
+    assert opts.model.overrides == {"num_hidden_layers": 2}
+    save_config(opts, tmp_path / "resolved.yaml")
+    assert load_config(Options, tmp_path / "resolved.yaml") == opts
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("train:\n  lrr: 1\n", [], "unknown config key 'train.lrr' \\(did you mean 'train.lr'\\?\\)"),
+    ("", ["--train.stepz", "3"], "unknown config key 'train.stepz'"),
+    ("train:\n  steps: many\n", [], "train.steps must be int, got 'many'"),
+    ("", ["--steps", "1.5"], "train.steps must be int"),
+    ("train: [1, 2]\n", [], "'train' must be a mapping"),
+    ("model: {preset: [x]}\n", [], "model.preset must be str"),
+    ("a: [", [], "not valid YAML"),
+    ("", ["--train.lr"], "needs a value"),
+    ("", ["stray"], "unexpected argument 'stray'"),
+])
+def test_bad_configs_name_the_key(tmp_path, text, overrides, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_config(Options, path, overrides)
+
+
+def test_missing_file():
+    with pytest.raises(UserError, match="config file nope.yaml does not exist"):
+        load_config(Options, "nope.yaml")
