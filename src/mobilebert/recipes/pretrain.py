@@ -46,8 +46,11 @@ class ModelOptions:
 
 @dataclass
 class DataOptions:
-    corpus: str = "builtin"  # builtin | text file or folder | parquet/json/arrow file | datasets hub id
-    corpus_config: str | None = None  # the datasets config name, e.g. 20231101.en for wikimedia/wikipedia
+    # builtin | text file or folder | parquet/json/arrow file | datasets hub id; or a list of those, concatenated.
+    # A hub id may carry its config after a colon: wikimedia/wikipedia:20231101.en
+    corpus: str | list[str] = "builtin"
+    train_split: str = "train"
+    validation_split: str = "validation"  # hub corpora with one split: e.g. train_split train[:99%], this train[99%:]
     text_field: str = "text"
     max_documents: int | None = None  # read at most this many documents (quick trials on big corpora)
     tokenizer: str | None = None  # folder with tokenizer.json or vocab.txt; None: train one on the corpus
@@ -108,9 +111,14 @@ def _prepare_data(options: DataOptions, out: Path) -> PretrainingData:
 
 
 def _read(options: DataOptions, split: str) -> list[list[str]]:
-    documents = load_corpus(options.corpus, split=split, config_name=options.corpus_config,
-                            text_field=options.text_field)
-    return list(documents)[: options.max_documents] if options.max_documents else list(documents)
+    split_name = options.train_split if split == "train" else options.validation_split
+    documents: list[list[str]] = []
+    for source in [options.corpus] if isinstance(options.corpus, str) else options.corpus:
+        name, config = source, None
+        if ":" in source and not Path(source).exists():
+            name, config = source.rsplit(":", 1)
+        documents.extend(load_corpus(name, split=split_name, config_name=config, text_field=options.text_field))
+    return documents[: options.max_documents] if options.max_documents else documents
 
 
 def _tokenize(tokenizer: Tokenizer, documents: list[list[str]]) -> list[list[list[int]]]:

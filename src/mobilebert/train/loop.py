@@ -180,7 +180,8 @@ class Engine:
                 self.checkpoint(done)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{self.last['loss']:.4f}", tok_s=f"{self.last['tokens_per_s']:.0f}")
+                postfix = {"loss": f"{self.last['loss']:.4f}", "tok_s": f"{self.last['tokens_per_s']:.0f}"}
+                bar.set_postfix(postfix, refresh=False)  # redraw at the bar's own pace
         if bar is not None:
             bar.close()
         self.run_evaluation(self.options.steps)

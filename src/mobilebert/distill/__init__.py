@@ -1,0 +1,1 @@
+"""Knowledge-transfer losses for distilling IB-BERT into MobileBERT (MOBILEBERT.md §3)."""
