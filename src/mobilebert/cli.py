@@ -30,6 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
                "ib-bert-large.yaml --out runs/teacher")
     _add_run_arguments(pretrain)
 
+    distill = commands.add_parser(
+        "distill", help="knowledge transfer teacher → MobileBERT student (PKT, JKT or AKT), then distillation",
+        description="Transfer a pre-trained IB-BERT teacher into a MobileBERT student: layer-wise feature-map and "
+                    "attention transfer (progressive, joint or auxiliary), then pre-training distillation. Options "
+                    "as for pretrain, plus the distill section (see configs/demo/distill-pkt.yaml).")
+    distill.add_argument("--teacher", help="teacher checkpoint folder (e.g. runs/teacher/final)")
+    distill.add_argument("--student", help="student preset (default mobilebert-demo)")
+    distill.add_argument("--strategy", choices=["pkt", "jkt", "akt"], help="progressive, joint or auxiliary")
+    _add_run_arguments(distill)
+
     demo = commands.add_parser("demo", help="run the pipeline on the built-in corpus and write a report",
                                description="Run what the pipeline has so far: every preset built and measured, "
                                            "and a checkpoint round trip through transformers' format.")
@@ -44,7 +54,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="delete earlier results in --out and start again")
 
 
-TRAINING_COMMANDS = ("pretrain",)
+TRAINING_COMMANDS = ("pretrain", "distill")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             from mobilebert.recipes.presets import main as run
         elif args.command == "pretrain":
             from mobilebert.recipes.pretrain import main as run
+        elif args.command == "distill":
+            from mobilebert.recipes.distill import main as run
         else:
             from mobilebert.recipes.demo import main as run
         return run(args) or 0

@@ -20,8 +20,8 @@ from mobilebert.model import EncoderOutput, MobileBertModel, init_weights, make_
 @dataclass
 class PreTrainingOutput:
     loss: torch.Tensor | None  # mlm_loss + nsp_loss (either alone when only its labels are given)
-    prediction_logits: torch.Tensor  # (B, T, V)
-    seq_relationship_logits: torch.Tensor  # (B, 2)
+    prediction_logits: torch.Tensor | None  # (B, T, V); (N, V) with masked_only; None with num_layers
+    seq_relationship_logits: torch.Tensor | None  # (B, 2)
     mlm_loss: torch.Tensor | None = None
     nsp_loss: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -120,16 +120,24 @@ class MobileBertForPreTraining(_TaskModel):
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 next_sentence_label: torch.Tensor | None = None, output_hidden_states: bool = False,
                 output_attentions: bool = False, output_attention_scores: bool = False,
-                masked_only: bool = False) -> PreTrainingOutput:
+                masked_only: bool = False, num_layers: int | None = None) -> PreTrainingOutput:
         """`labels` (B, T): the original token at masked positions, -100 elsewhere; `next_sentence_label` (B,):
         0 when sentence B follows A, 1 when it is random.
 
         `masked_only=True` computes vocabulary logits only where `labels` != -100: `prediction_logits` is then
         (N, V) for those N positions in row-major order. Pre-training needs no more, and skips most of the
         largest matrix product.
+
+        `num_layers` runs only the first blocks and skips the heads (the logits are None): layer-wise knowledge
+        transfer needs the feature maps alone.
         """
         enc = self.mobilebert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
-                              output_attentions=output_attentions, output_attention_scores=output_attention_scores)
+                              output_attentions=output_attentions, output_attention_scores=output_attention_scores,
+                              num_layers=num_layers)
+        if num_layers is not None:
+            return PreTrainingOutput(loss=None, prediction_logits=None, seq_relationship_logits=None,
+                                     hidden_states=enc.hidden_states, attentions=enc.attentions,
+                                     attention_scores=enc.attention_scores)
         h = enc.last_hidden_state  # (B, T, D)
         if masked_only:
             if labels is None:

@@ -15,6 +15,7 @@ Losses are normalised over the *global* batch: `count_fn(micro_batch)` gives eac
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -126,15 +127,24 @@ class TrainingDiverged(UserError):
 class Engine:
     def __init__(self, model: nn.Module, options: TrainOptions, run: RunDir, dist: Distributed,
                  groups: list[dict] | None = None, evaluate: Callable[[], dict[str, float]] | None = None,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, lr_lambda: Callable[[int, dict], float] | None = None,
+                 partial_graph: bool = False) -> None:
+        """`groups`: optimizer parameter groups (default: decay / no-decay). `lr_lambda(step, group)`: a
+        per-group learning-rate factor replacing the options' schedule. `partial_graph`: some parameters get no
+        gradient in some steps (frozen or not computed), which DDP must be told."""
         self.options, self.run, self.dist, self.tokenizer = options, run, dist, tokenizer
         self.model = model.to(dist.device)
-        self.ddp = nn.parallel.DistributedDataParallel(self.model) if dist.world_size > 1 else None
+        self.ddp = nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=partial_graph) \
+            if dist.world_size > 1 else None
         groups = groups if groups is not None else parameter_groups(self.model, options.weight_decay)
         self.optimizer = build_optimizer(options.optimizer, groups, lr=options.lr,
                                          betas=(options.beta1, options.beta2), eps=options.eps)
-        self.scheduler = build_scheduler(self.optimizer, options.steps, options.warmup_steps, options.decay,
-                                         options.decay_power, options.end_factor)
+        if lr_lambda is None:
+            self.scheduler = build_scheduler(self.optimizer, options.steps, options.warmup_steps, options.decay,
+                                             options.decay_power, options.end_factor)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, [functools.partial(lr_lambda, group=g) for g in self.optimizer.param_groups])
         self.evaluate = evaluate
         self.step_index = 0
         self.last: dict[str, float] = {}
@@ -212,7 +222,7 @@ class Engine:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.last = {"loss": sum(means.values()), **means, "lr": self.optimizer.param_groups[0]["lr"],
+        self.last = {"loss": sum(means.values()), **means, "lr": max(g["lr"] for g in self.optimizer.param_groups),
                      "grad_norm": grad_norm, "tokens": counts.get("tokens", 0)}
         return means
 

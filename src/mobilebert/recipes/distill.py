@@ -1,0 +1,203 @@
+"""`mobilebert distill`: knowledge transfer from a pre-trained IB-BERT teacher to a MobileBERT student.
+
+The algorithm (paper §3–§4, MOBILEBERT.md §3–§5): layer-wise transfer of feature maps and attention maps
+(all layers jointly, or progressively one layer per phase), then pre-training distillation of the MLM head —
+or all at once (auxiliary). The student ends task-agnostic: fine-tune it like BERT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mobilebert.config import preset
+from mobilebert.data.pretraining import IGNORE_INDEX
+from mobilebert.distill.losses import FMTWeights, kd_cross_entropy, layer_losses
+from mobilebert.distill.strategies import (
+    Stage,
+    build_layer_map,
+    check_pair,
+    copy_embeddings_and_heads,
+    layer_groups,
+    lr_factor,
+    plan,
+    set_trainable,
+    stage_at,
+)
+from mobilebert.errors import UserError
+from mobilebert.heads import MobileBertForPreTraining
+from mobilebert.recipe_config import load_config, save_config
+from mobilebert.recipes.pretrain import DataOptions, batches_for, evaluate_pretraining, prepare_data
+from mobilebert.train.loop import Engine, TrainOptions, micro_batches, setup_distributed
+from mobilebert.train.optim import parameter_groups
+from mobilebert.train.rundir import RunDir
+
+
+@dataclass
+class TransferOptions:
+    teacher: str | None = None  # pre-trained teacher checkpoint folder (transformers format, with tokenizer)
+    student: str = "mobilebert-demo"  # student preset
+    student_overrides: dict[str, Any] = field(default_factory=dict)
+    strategy: str = "pkt"  # pkt | jkt | akt
+    layer_map: str | list[int] = "same"  # same | uniform | [teacher layer per student layer]
+    layerwise_steps: int = 600  # stage 1 in all (PKT: split evenly over the layers)
+    pd_steps: int = 300  # stage 2: pre-training distillation
+    current_layer_lr_scale: float = 1.0  # PKT/JKT: rate of the layer(s) being transferred, times train.lr
+    lower_layer_lr_scale: float = 0.1  # PKT: rate of the layers below (official 1/10); 0 freezes them
+    phase_warmup: float = 0.1  # warm-up over this fraction of each phase
+    pd_warmup_steps: int = 30
+    fmt: str = "official"  # official (normalised MSE + mean + variance terms) | mse
+    fmt_mse_weight: float = 100.0
+    fmt_mean_weight: float = 5000.0
+    fmt_var_weight: float = 5.0
+    at_weight: float = 1.0  # 0 turns attention transfer off
+    alpha: float = 0.5  # PD: alpha · MLM + (1 − alpha) · KD + NSP
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.fmt not in ("official", "mse"):
+            raise UserError(f"distill.fmt must be 'official' or 'mse', got {self.fmt!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass
+class DistillOptions:
+    distill: TransferOptions = field(default_factory=TransferOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    train: TrainOptions = field(default_factory=lambda: TrainOptions(optimizer="lamb", lr=1e-3))
+
+
+class Transfer:
+    """The loss terms of one stage, as the engine wants them: per-term counts, then per-term sums."""
+
+    def __init__(self, teacher: MobileBertForPreTraining, options: TransferOptions, layer_map: list[int]) -> None:
+        self.teacher, self.options, self.layer_map = teacher, options, layer_map
+        self.fmt_weights = FMTWeights(options.fmt_mse_weight, options.fmt_mean_weight, options.fmt_var_weight)
+
+    def counts(self, stage: Stage, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        tokens = int(batch["attention_mask"].sum())
+        counts = {f"{kind}/{l}": tokens for l in stage.transfer_layers for kind in self._kinds()}
+        if stage.pd:
+            masked = int((batch["labels"] != IGNORE_INDEX).sum())
+            counts.update(mlm=masked, kd=masked, nsp=len(batch["next_sentence_label"]))
+        return counts
+
+    def _kinds(self) -> tuple[str, ...]:
+        return ("fmt", "at") if self.options.at_weight > 0 else ("fmt",)
+
+    def sums(self, stage: Stage, student: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        layerwise, maps = bool(stage.transfer_layers), self.options.at_weight > 0 and bool(stage.transfer_layers)
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        heads = {"labels": batch["labels"], "masked_only": True} if stage.pd else {}
+        student_layers = None if stage.pd else stage.run_layers or len(self.layer_map)  # a number skips the heads
+        teacher_layers = None if stage.pd else max(self.layer_map[:student_layers]) + 1
+        s = student(*inputs, output_hidden_states=layerwise, output_attention_scores=maps, num_layers=student_layers,
+                    **heads)
+        with torch.no_grad():
+            t = self.teacher(*inputs, output_hidden_states=layerwise, output_attention_scores=maps,
+                             num_layers=teacher_layers, **heads)
+        sums: dict[str, torch.Tensor] = {}
+        if layerwise:
+            sums.update(self._layerwise(stage, s, t, batch["attention_mask"]))
+        if stage.pd:
+            sums.update(self._pd(s, t, batch))
+        return sums
+
+    def _layerwise(self, stage, s, t, mask) -> dict[str, torch.Tensor]:
+        mapped = [t.hidden_states[0]] + [t.hidden_states[m + 1] for m in self.layer_map[: len(s.hidden_states) - 1]]
+        t_scores = None if s.attention_scores is None else [t.attention_scores[m] for m in
+                                                           self.layer_map[: len(s.attention_scores)]]
+        losses = layer_losses(mapped, s.hidden_states, t_scores, s.attention_scores, mask, stage.transfer_layers,
+                              self.fmt_weights, self.options.at_weight, plain_mse=self.options.fmt == "mse")
+        tokens = mask.sum()
+        return {name: value * tokens for name, value in losses.terms.items()}  # per-token means → sums
+
+    def _pd(self, s, t, batch) -> dict[str, torch.Tensor]:
+        masked = batch["labels"][batch["labels"] != IGNORE_INDEX]
+        a = self.options.alpha
+        return {"mlm": a * F.cross_entropy(s.prediction_logits.float(), masked, reduction="sum"),
+                "kd": (1 - a) * kd_cross_entropy(s.prediction_logits, t.prediction_logits,
+                                                 self.options.temperature) * len(masked),
+                "nsp": F.cross_entropy(s.seq_relationship_logits.float(), batch["next_sentence_label"],
+                                       reduction="sum")}
+
+
+def main(args: argparse.Namespace) -> int:
+    shorthand = [(k, getattr(args, k)) for k in ("teacher", "student", "strategy") if getattr(args, k)]
+    options = load_config(DistillOptions, args.config, args.overrides + [a for k, v in shorthand
+                                                                          for a in (f"--distill.{k}", v)])
+    transfer = options.distill
+    if not transfer.teacher:
+        raise UserError("no teacher: pass --teacher DIR (a checkpoint from `mobilebert pretrain`)")
+    dist = setup_distributed(options.train.device)
+    run = RunDir(args.out, dist.is_main)
+    run.prepare(resume=args.resume, overwrite=args.overwrite)
+    if run.final.exists() and args.resume:
+        print(f"{run.final} is already complete; nothing to do")
+        return 0
+    teacher = MobileBertForPreTraining.from_pretrained(transfer.teacher)
+    if options.data.tokenizer is None:  # the teacher's vocabulary, so ids mean the same to both
+        options.data = dataclasses.replace(options.data, tokenizer=str(transfer.teacher))
+    data = prepare_data(options.data, run.root, dist)
+    student_cfg = preset(transfer.student, **{"vocab_size": data.tokenizer.vocab_size, **transfer.student_overrides})
+    layer_map = build_layer_map(transfer.layer_map, teacher.config.num_hidden_layers, student_cfg.num_hidden_layers)
+    copy = transfer.strategy in ("pkt", "jkt")
+    check_pair(teacher.config, student_cfg, layer_map, copy_from_teacher=copy)
+    stages = plan(transfer.strategy, student_cfg.num_hidden_layers, transfer.layerwise_steps, transfer.pd_steps)
+    options.train = dataclasses.replace(options.train, steps=stages[-1].end)
+    if dist.is_main:
+        save_config(options, run.config)
+
+    torch.manual_seed(options.train.seed)
+    student = MobileBertForPreTraining(student_cfg)
+    if copy:
+        copy_embeddings_and_heads(teacher, student)
+    teacher.to(dist.device).eval().requires_grad_(False)
+
+    def schedule(step: int, group: dict) -> float:
+        return lr_factor(stage_at(stages, step), step, group["key"], transfer.current_layer_lr_scale,
+                         transfer.lower_layer_lr_scale, transfer.phase_warmup, transfer.pd_warmup_steps)
+
+    train = batches_for(data.train, data.tokenizer, options.data, options.train.batch_size, options.train.seed,
+                        dist.rank, dist.world_size)
+    validation = batches_for(data.validation, data.tokenizer, options.data, options.data.eval_batch_size, seed=1)
+    eval_batches = max(1, math.ceil(min(options.data.eval_examples, len(data.validation))
+                                    / options.data.eval_batch_size))
+    engine = Engine(student, options.train, run, dist, tokenizer=data.tokenizer, lr_lambda=schedule,
+                    groups=layer_groups(parameter_groups(student, options.train.weight_decay)), partial_graph=True,
+                    evaluate=lambda: evaluate_pretraining(student, validation, eval_batches, dist.device))
+    losses = Transfer(teacher, transfer, layer_map)
+    if dist.is_main:
+        print(f"distilling {Path(transfer.teacher).name} → {transfer.student} with {transfer.strategy.upper()}: "
+              f"{', '.join(f'{s.name} ({s.steps} steps)' for s in _summarise(stages))}")
+    current = None
+    for step in engine.steps(resume=args.resume):
+        stage = stage_at(stages, step)
+        if stage != current:
+            set_trainable(student, stage, transfer.lower_layer_lr_scale)
+            current = stage
+        engine.step(micro_batches(train.batch(step), options.train.micro_batch_size),
+                    lambda b, s=stage: losses.counts(s, b), lambda m, b, s=stage: losses.sums(s, m, b))
+    student.requires_grad_(True)
+    engine.finish()
+    if dist.is_main:
+        print(f"done: {run.final}")
+    return 0
+
+
+def _summarise(stages: list[Stage]) -> list[Stage]:
+    """For printing: PKT's phases as one entry."""
+    phases = [s for s in stages if s.name.startswith("phase-")]
+    rest = [s for s in stages if not s.name.startswith("phase-")]
+    if not phases:
+        return rest
+    merged = dataclasses.replace(phases[0], name=f"{len(phases)} phases", steps=sum(p.steps for p in phases))
+    return [merged, *rest]
