@@ -1,0 +1,110 @@
+"""`mobilebert distill` end to end on a tiny teacher: per-phase losses fall, copied weights stay the teacher's
+through layer-wise transfer, a mid-phase resume is exact, and mismatched pairs are refused clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_pretrain import write_corpus
+
+import mobilebert as mb
+from mobilebert.data.corpus import load_corpus
+from mobilebert.tokenizer import Tokenizer
+from mobilebert.train.rundir import read_metrics
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A random tiny IB-BERT with a tokenizer trained on the corpus: enough for the mechanics of transfer."""
+    root = tmp_path_factory.mktemp("distill")
+    corpus = write_corpus(root / "corpus")
+    tokenizer = Tokenizer.train(load_corpus(str(corpus)), vocab_size=120)
+    cfg = mb.preset("ib-bert-demo", num_hidden_layers=LAYERS, hidden_size=32, intra_bottleneck_size=64,
+                    intermediate_size=64, embedding_size=16, num_attention_heads=2, max_position_embeddings=64,
+                    vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    mb.MobileBertForPreTraining(cfg).save_pretrained(root / "teacher", tokenizer)
+    return root
+
+
+def distill(root: Path, out: str, strategy: str, *extra: str) -> subprocess.CompletedProcess:
+    config = {
+        "distill": {"student": "mobilebert-test", "strategy": strategy, "layerwise_steps": 30, "pd_steps": 6,
+                    "pd_warmup_steps": 2,
+                    "student_overrides": {"num_hidden_layers": LAYERS, "hidden_size": 32, "embedding_size": 16,
+                                          "max_position_embeddings": 64, "num_attention_heads": 2}},
+        "data": {"corpus": str(root / "corpus"), "max_seq_length": 32, "eval_examples": 32, "eval_batch_size": 16,
+                 "max_predictions_per_seq": 5},
+        "train": {"batch_size": 8, "lr": 3e-3, "optimizer": "adamw", "log_every": 1, "checkpoint_every": 5,
+                  "keep_checkpoints": 20, "tensorboard": False},
+    }
+    (root / f"{out}.yaml").write_text(json.dumps(config))
+    cmd = [sys.executable, "-m", "mobilebert", "distill", "--config", str(root / f"{out}.yaml"),
+           "--teacher", str(root / "teacher"), "--out", str(root / out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_pkt_transfers_layer_by_layer_and_resumes_mid_phase(teacher):
+    result = distill(teacher, "pkt", "pkt")
+    assert result.returncode == 0, result.stderr
+    rows = [m for m in read_metrics(teacher / "pkt" / "metrics.jsonl") if "split" not in m]
+    assert [m["step"] for m in rows] == list(range(1, 37))
+    for layer in range(LAYERS):
+        phase = rows[layer * 10:(layer + 1) * 10]
+        assert all(set(m) >= {f"fmt/{layer}", f"at/{layer}"} for m in phase)
+        assert not any(f"fmt/{other}" in m for m in phase for other in range(LAYERS) if other != layer)
+        assert sum(m[f"fmt/{layer}"] for m in phase[-3:]) / 3 < phase[0][f"fmt/{layer}"]  # falls in every phase
+    assert all({"mlm", "kd", "nsp"} <= set(m) for m in rows[30:])
+
+    # Through layer-wise transfer (step 30 = end of stage 1) the copied weights are still the teacher's.
+    end_of_stage1 = load_file(teacher / "pkt" / "checkpoints" / "step-30" / "model.safetensors")
+    original = load_file(teacher / "teacher" / "model.safetensors")
+    for name in ("mobilebert.embeddings.word_embeddings.weight", "mobilebert.embeddings.embedding_transformation.weight",
+                 "cls.predictions.dense.weight", "cls.seq_relationship.weight"):
+        assert torch.equal(end_of_stage1[name], original[name]), name
+
+    # An interruption in the middle of phase 1: only checkpoints up to step 15 survive; --resume finishes it.
+    cut = teacher / "pkt-cut"
+    shutil.copytree(teacher / "pkt", cut)
+    shutil.rmtree(cut / "final")
+    for ckpt in (cut / "checkpoints").glob("step-*"):
+        if int(ckpt.name.split("-")[1]) > 15:
+            shutil.rmtree(ckpt)
+    resumed = distill(teacher, "pkt-cut", "pkt", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(teacher / "pkt" / "final" / "model.safetensors")
+    b = load_file(cut / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in read_metrics(cut / "metrics.jsonl") if "split" not in m] == [m["loss"] for m in rows]
+
+
+@pytest.mark.parametrize("strategy", ["jkt", "akt"])
+def test_joint_and_auxiliary_strategies_run(teacher, strategy):
+    result = distill(teacher, strategy, strategy)
+    assert result.returncode == 0, result.stderr
+    rows = [m for m in read_metrics(teacher / strategy / "metrics.jsonl") if "split" not in m]
+    assert len(rows) == 36
+    first = rows[0]
+    assert {f"fmt/{l}" for l in range(LAYERS)} <= set(first)
+    assert ({"mlm", "kd"} <= set(first)) == (strategy == "akt")
+    student = mb.MobileBertForPreTraining.from_pretrained(teacher / strategy / "final")
+    assert student.config.normalization_type == "no_norm" and (teacher / strategy / "final" / "vocab.txt").is_file()
+
+
+def test_mismatched_teacher_and_student_are_refused(teacher):
+    result = distill(teacher, "bad", "pkt", "--student_overrides", "{hidden_size: 64, num_hidden_layers: 3}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "block width (hidden_size) teacher 32 vs student 64" in result.stderr
+    missing = subprocess.run([sys.executable, "-m", "mobilebert", "distill", "--out", str(teacher / "x")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no teacher: pass --teacher DIR" in missing.stderr
