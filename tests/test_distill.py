@@ -69,8 +69,8 @@ def test_pkt_transfers_layer_by_layer_and_resumes_mid_phase(teacher):
     # Through layer-wise transfer (step 30 = end of stage 1) the copied weights are still the teacher's.
     end_of_stage1 = load_file(teacher / "pkt" / "checkpoints" / "step-30" / "model.safetensors")
     original = load_file(teacher / "teacher" / "model.safetensors")
-    for name in ("mobilebert.embeddings.word_embeddings.weight", "mobilebert.embeddings.embedding_transformation.weight",
-                 "cls.predictions.dense.weight", "cls.seq_relationship.weight"):
+    for name in ("mobilebert.embeddings.word_embeddings.weight", "cls.predictions.dense.weight",
+                 "mobilebert.embeddings.embedding_transformation.weight", "cls.seq_relationship.weight"):
         assert torch.equal(end_of_stage1[name], original[name]), name
 
     # An interruption in the middle of phase 1: only checkpoints up to step 15 survive; --resume finishes it.
