@@ -53,12 +53,12 @@ def bare_step(model, optimizer, scheduler, batch) -> float:
     return loss.item()
 
 
-def measure(name: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def measure(name: str, batch_size: int, seq: int, steps: int, warmup: int) -> dict:
     cfg = mb.preset(name)
     torch.manual_seed(0)
     model = mb.MobileBertForPreTraining(cfg)
     bare = copy.deepcopy(model)
-    options = TrainOptions(steps=steps + warmup, batch_size=batch, lr=1e-3, tensorboard=False)
+    options = TrainOptions(steps=steps + warmup, batch_size=batch_size, lr=1e-3, tensorboard=False)
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(tmp)
         run.prepare(resume=False, overwrite=False)
@@ -68,7 +68,7 @@ def measure(name: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
         generator = torch.Generator().manual_seed(1)
         times: dict[str, list[float]] = {"engine": [], "bare": []}
         for i in range(steps + warmup):
-            batch = random_batch(cfg, batch, seq, generator)
+            batch = random_batch(cfg, batch_size, seq, generator)
             for side in ("engine", "bare") if i % 2 == 0 else ("bare", "engine"):
                 start = time.perf_counter()
                 if side == "engine":
@@ -79,9 +79,9 @@ def measure(name: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
                     bare_step(bare, optimizer, scheduler, batch)
                 if i >= warmup:
                     times[side].append(time.perf_counter() - start)
-    tokens = batch * seq
+    tokens = batch_size * seq
     med = {side: statistics.median(t) for side, t in times.items()}
-    return {"preset": name, "batch": batch, "seq": seq, "steps": steps,
+    return {"preset": name, "batch": batch_size, "seq": seq, "steps": steps,
             "engine_tokens_per_s": tokens / med["engine"], "bare_tokens_per_s": tokens / med["bare"],
             "engine_p90_s": sorted(times["engine"])[int(0.9 * (len(times["engine"]) - 1))],
             "overhead": med["engine"] / med["bare"] - 1}
