@@ -35,9 +35,8 @@ from mobilebert.errors import UserError
 from mobilebert.heads import MobileBertForPreTraining
 from mobilebert.recipe_config import load_config, save_config
 from mobilebert.recipes.pretrain import DataOptions, batches_for, evaluate_pretraining, prepare_data
-from mobilebert.train.loop import Engine, TrainOptions, micro_batches, setup_distributed
+from mobilebert.train.loop import Engine, TrainOptions, micro_batches, open_run
 from mobilebert.train.optim import parameter_groups
-from mobilebert.train.rundir import RunDir
 
 
 @dataclass
@@ -137,12 +136,10 @@ def main(args: argparse.Namespace) -> int:
     transfer = options.distill
     if not transfer.teacher:
         raise UserError("no teacher: pass --teacher DIR (a checkpoint from `mobilebert pretrain`)")
-    dist = setup_distributed(options.train.device)
-    run = RunDir(args.out, dist.is_main)
-    run.prepare(resume=args.resume, overwrite=args.overwrite)
-    if run.final.exists() and args.resume:
-        print(f"{run.final} is already complete; nothing to do")
+    opened = open_run(args.out, args.resume, args.overwrite, options.train.device)
+    if opened is None:
         return 0
+    dist, run = opened
     teacher = MobileBertForPreTraining.from_pretrained(transfer.teacher)
     if options.data.tokenizer is None:  # the teacher's vocabulary, so ids mean the same to both
         options.data = dataclasses.replace(options.data, tokenizer=str(transfer.teacher))

@@ -33,8 +33,7 @@ from mobilebert.errors import UserError
 from mobilebert.heads import MobileBertForPreTraining
 from mobilebert.recipe_config import load_config, save_config
 from mobilebert.tokenizer import Tokenizer
-from mobilebert.train.loop import Distributed, Engine, TrainOptions, micro_batches, setup_distributed
-from mobilebert.train.rundir import RunDir
+from mobilebert.train.loop import Distributed, Engine, TrainOptions, micro_batches, open_run
 
 
 @dataclass
@@ -198,12 +197,10 @@ def build_model(options: ModelOptions, vocab_size: int, max_seq_length: int) -> 
 
 def main(args: argparse.Namespace) -> int:
     options = load_config(PretrainOptions, args.config, args.overrides)
-    dist = setup_distributed(options.train.device)
-    run = RunDir(args.out, dist.is_main)
-    run.prepare(resume=args.resume, overwrite=args.overwrite)
-    if run.final.exists() and args.resume:
-        print(f"{run.final} is already complete; nothing to do")
+    opened = open_run(args.out, args.resume, args.overwrite, options.train.device)
+    if opened is None:
         return 0
+    dist, run = opened
     if dist.is_main:
         save_config(options, run.config)
     data = prepare_data(options.data, run.root, dist)

@@ -113,6 +113,18 @@ def setup_distributed(device: str = "auto") -> Distributed:
                        torch.device("cpu"))
 
 
+def open_run(out: str, resume: bool, overwrite: bool, device: str) -> tuple[Distributed, RunDir] | None:
+    """Join the process group and claim the run folder; None when --resume finds the run already finished."""
+    dist = setup_distributed(device)
+    run = RunDir(out, dist.is_main)
+    run.prepare(resume=resume, overwrite=overwrite)
+    if run.final.exists() and resume:
+        if dist.is_main:
+            print(f"{run.final} is already complete; nothing to do")
+        return None
+    return dist, run
+
+
 def micro_batches(batch: Batch, size: int | None) -> list[Batch]:
     """Split a per-process batch into micro-batches of at most `size` rows (gradient accumulation)."""
     n = len(next(iter(batch.values())))
