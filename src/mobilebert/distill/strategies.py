@@ -22,6 +22,7 @@ from torch import nn
 
 from mobilebert.config import MobileBertConfig
 from mobilebert.errors import UserError
+from mobilebert.train.optim import lr_factor as schedule_factor
 
 STRATEGIES = ("pkt", "jkt", "akt")
 COPIED = -2  # group key of the parameters copied from the teacher (embedding tables, projection, heads)
@@ -90,10 +91,7 @@ def lr_factor(stage: Stage, step: int, key: int, current_scale: float, lower_sca
     """Learning-rate multiplier of parameter group `key` at global `step` (0 means frozen this stage)."""
     layer = 0 if key == EMBEDDING_NORM else key
     if stage.pd:  # PD (and AKT): every parameter, warm-up then linear decay to zero over the stage
-        into = step - stage.start
-        if into < pd_warmup_steps:
-            return (into + 1) / pd_warmup_steps
-        return max(0.0, 1.0 - (into - pd_warmup_steps) / max(1, stage.steps - pd_warmup_steps))
+        return schedule_factor(step - stage.start, stage.steps, min(pd_warmup_steps, stage.steps), "linear")
     if key == COPIED:
         return 0.0
     warmup = max(1, round(phase_warmup * stage.steps))

@@ -141,8 +141,7 @@ def _fingerprint(documents: list[list[str]]) -> str:
 
 def batches_for(pairs: PairDataset, tokenizer: Tokenizer, options: DataOptions, batch_size: int, seed: int,
                 rank: int = 0, world_size: int = 1) -> PretrainingBatches:
-    vocab = tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
-    word_start = np.array([not t.startswith("##") for t in vocab]) if options.whole_word_masking else None
+    word_start = np.array(tokenizer.word_starts(range(tokenizer.vocab_size))) if options.whole_word_masking else None
     masking = MaskSettings(options.masked_lm_prob, options.max_predictions_per_seq, options.whole_word_masking)
     return PretrainingBatches(pairs, batch_size, tokenizer.vocab_size, tokenizer.mask_id, tokenizer.pad_id,
                               tokenizer.special_ids, masking, seed, word_start, rank, world_size)

@@ -19,6 +19,7 @@ import functools
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -296,8 +297,6 @@ class Engine:
 def _progress(total: int, start: int, enabled: bool):
     if not enabled:
         return None
-    import sys
-
     from tqdm.auto import tqdm
 
     # In a log file (not a terminal) redraw rarely: every redraw is a new line there.

@@ -48,10 +48,14 @@ class RunDir:
         if self.is_main:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
 
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, ascending (temporary folders are hidden and never match)."""
+        return sorted(int(m.group(1)) for p in self.checkpoints.glob("step-*")
+                      if (m := re.fullmatch(r"step-(\d+)", p.name)) and p.is_dir())
+
     def latest_checkpoint(self) -> Path | None:
-        steps = [(int(m.group(1)), p) for p in self.checkpoints.glob("step-*")
-                 if (m := re.fullmatch(r"step-(\d+)", p.name)) and p.is_dir()]
-        return max(steps)[1] if steps else None
+        steps = self.checkpoint_steps()
+        return self.checkpoints / f"step-{steps[-1]}" if steps else None
 
     def log(self, record: dict[str, Any]) -> None:
         if self.is_main:
@@ -97,7 +101,7 @@ def save_checkpoint(run: RunDir, step: int, model: torch.nn.Module, optimizer: t
 
 
 def _prune(run: RunDir, keep: int) -> None:
-    steps = sorted(int(p.name.split("-")[1]) for p in run.checkpoints.glob("step-*") if p.is_dir())
+    steps = run.checkpoint_steps()
     for step in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(run.checkpoints / f"step-{step}", ignore_errors=True)
 
