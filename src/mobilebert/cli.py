@@ -40,6 +40,43 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--strategy", choices=["pkt", "jkt", "akt"], help="progressive, joint or auxiliary")
     _add_run_arguments(distill)
 
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a checkpoint on a GLUE task, SQuAD or a built-in task (with a small search)",
+        description="Fine-tune any MobileBERT checkpoint (ours, or a transformers-format one such as "
+                    "google/mobilebert-uncased) on a task: cola sst2 mrpc stsb qqp mnli qnli rte wnli, squad1, "
+                    "squad2, or builtin-order builtin-next builtin-overlap builtin-qa. Every combination of "
+                    "search.lr x search.batch_size x search.epochs runs with every seed in search.seeds (empty "
+                    "lists: the paper's defaults for the task family); the best trial by dev metric becomes "
+                    "OUT/final, results go to OUT/results.json and OUT/results.md.",
+        epilog="Example: mobilebert finetune --checkpoint runs/student/final --task mrpc --task.data_dir "
+               "glue_data --search.lr '[1e-5, 3e-5, 5e-5]' --search.seeds '[0, 1, 2]' --out runs/mrpc")
+    finetune.add_argument("--checkpoint", help="checkpoint folder or hub id (or model.checkpoint in the config)")
+    finetune.add_argument("--task", help="task name (or task.name in the config)")
+    _add_run_arguments(finetune)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="dev-set metrics of a fine-tuned checkpoint",
+        description="Score a fine-tuned checkpoint on a labelled split with the task's official metrics; prints a "
+                    "table, then one JSON line.")
+    evaluate.add_argument("checkpoint", help="checkpoint folder or hub id")
+    evaluate.add_argument("--task", required=True, help="task name, as for finetune")
+    evaluate.add_argument("--data-dir", help="GLUE TSV / SQuAD JSON folder (default: the hub; built-in: generated)")
+    evaluate.add_argument("--split", help="split to score (default: the task's first dev split)")
+    evaluate.add_argument("--max-seq-length", type=int, help="default: the task family's")
+    evaluate.add_argument("--doc-stride", type=int, help="QA window stride (default: the task family's)")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--max-examples", type=int, help="score only the first N examples")
+
+    squad_eval = commands.add_parser(
+        "squad-eval", help="official SQuAD v1.1/v2.0 scoring of a predictions file; prints JSON",
+        description="Score predictions (a JSON object question id -> answer text) against a SQuAD v1.1 or v2.0 "
+                    "data file, exactly as the official evaluation scripts do.")
+    squad_eval.add_argument("data", help="the SQuAD JSON file (e.g. dev-v2.0.json)")
+    squad_eval.add_argument("predictions", help="predictions JSON: {question id: answer text}")
+    squad_eval.add_argument("--na-prob-file", help="v2.0: JSON {question id: probability of no answer}")
+    squad_eval.add_argument("--na-prob-thresh", type=float, default=1.0,
+                            help="v2.0: predict no answer above this probability (default 1.0)")
+
     demo = commands.add_parser("demo", help="run the pipeline on the built-in corpus and write a report",
                                description="Run what the pipeline has so far: every preset built and measured, "
                                            "and a checkpoint round trip through transformers' format.")
@@ -54,7 +91,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="delete earlier results in --out and start again")
 
 
-TRAINING_COMMANDS = ("pretrain", "distill")
+TRAINING_COMMANDS = ("pretrain", "distill", "finetune")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             from mobilebert.recipes.pretrain import main as run
         elif args.command == "distill":
             from mobilebert.recipes.distill import main as run
+        elif args.command == "finetune":
+            from mobilebert.recipes.finetune import main as run
+        elif args.command == "evaluate":
+            from mobilebert.recipes.evaluate import main as run
+        elif args.command == "squad-eval":
+            from mobilebert.recipes.evaluate import squad_eval_main as run
         else:
             from mobilebert.recipes.demo import main as run
         return run(args) or 0

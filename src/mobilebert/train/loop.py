@@ -161,6 +161,7 @@ class Engine:
         self.evaluate = evaluate
         self.step_index = 0
         self.last: dict[str, float] = {}
+        self.last_evaluation: dict[str, float] = {}  # the newest evaluate() results (main process)
         self._tb = _tensorboard(run) if options.tensorboard and dist.is_main else None
 
     @property
@@ -269,6 +270,7 @@ class Engine:
             self.model.eval()
             with torch.no_grad(), self.autocast():
                 results = self.evaluate()
+            self.last_evaluation = results
             self.run.log({"step": step, "split": "validation", **results})
             if self._tb is not None:
                 for k, v in results.items():

@@ -1,0 +1,119 @@
+"""Every downstream task behind one name: the GLUE tasks, SQuAD v1.1/v2.0 and the built-in tasks.
+
+A `Task` says what the head predicts, which metrics score it, where its data comes from and the paper's
+fine-tuning defaults for its family (MOBILEBERT.md §5): GLUE lr 5e-5, batch 32, 3 epochs, sequence 128;
+SQuAD lr 4e-5, batch 32, 5 epochs, sequence 384.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mobilebert.data.builtin_tasks import BUILTIN_TASKS
+from mobilebert.data.glue import TASKS as GLUE_TASKS
+from mobilebert.data.glue import TaskSpec, TextExample, load_task, task_spec
+from mobilebert.data.squad import SquadExample, read_squad
+from mobilebert.errors import UserError
+
+SQUAD_HUB = {"1.1": "rajpurkar/squad", "2.0": "rajpurkar/squad_v2"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """The paper's fine-tuning defaults for a family of tasks."""
+
+    lr: float
+    batch_size: int
+    epochs: float
+    max_seq_length: int
+    doc_stride: int = 128  # QA: tokens between the starts of two windows of a long context
+
+
+GLUE_FAMILY = Family(lr=5e-5, batch_size=32, epochs=3, max_seq_length=128)
+SQUAD_FAMILY = Family(lr=4e-5, batch_size=32, epochs=5, max_seq_length=384)
+# The built-in tasks are small and meant for the demo-size models (128 positions): a higher rate, short windows.
+BUILTIN_FAMILY = Family(lr=1e-4, batch_size=32, epochs=3, max_seq_length=128, doc_stride=64)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # classification | regression | qa
+    metrics: tuple[str, ...]  # the main metric first
+    family: Family
+    dev_splits: tuple[str, ...] = ("validation",)
+    test_splits: tuple[str, ...] = ()
+    labels: tuple[str, ...] | None = None  # classification label strings
+    glue: TaskSpec | None = None  # the GLUE task whose files (TSV or hub) it reads
+    squad_version: str | None = None  # "1.1" or "2.0" for QA tasks
+    builtin: bool = False  # data generated from the built-in corpus
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.kind == "regression" else len(self.labels or ())
+
+
+def get_task(name: str) -> Task:
+    """The task called `name`: a GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, ax), squad1,
+    squad2, or a built-in task (builtin-order, builtin-next, builtin-overlap, builtin-qa)."""
+    key = name.lower()
+    if key in ("squad1", "squad", "squad-v1.1", "squad1.1"):
+        return Task("squad1", "qa", ("exact_match", "f1"), SQUAD_FAMILY, squad_version="1.1")
+    if key in ("squad2", "squad-v2.0", "squad2.0"):
+        return Task("squad2", "qa", ("exact", "f1"), SQUAD_FAMILY, squad_version="2.0")
+    if key in BUILTIN_TASKS:
+        fmt = BUILTIN_TASKS[key].format
+        if fmt == "squad":
+            return Task(key, "qa", ("exact_match", "f1"), BUILTIN_FAMILY, squad_version="1.1", builtin=True)
+        return _glue_task(task_spec(fmt), name=key, family=BUILTIN_FAMILY, builtin=True)
+    try:
+        spec = task_spec(name)
+    except UserError:
+        known = [*GLUE_TASKS, "squad1", "squad2", *BUILTIN_TASKS]
+        raise UserError(f"unknown task {name!r}: choose one of {', '.join(known)}") from None
+    return _glue_task(spec, name=spec.name, family=GLUE_FAMILY)
+
+
+def _glue_task(spec: TaskSpec, name: str, family: Family, builtin: bool = False) -> Task:
+    kind = "regression" if spec.labels is None else "classification"
+    return Task(name, kind, spec.metrics, family, spec.dev_splits, () if builtin else spec.test_splits,
+                spec.labels, spec, builtin=builtin)
+
+
+def load_text_examples(task: Task, split: str, data_dir: str | Path | None) -> list[TextExample]:
+    """Classification/regression examples of a split, from TSV files under `data_dir` or from the hub."""
+    return load_task(task.glue.name, split, data_dir)
+
+
+def load_squad_examples(task: Task, split: str, data_dir: str | Path | None, training: bool) -> list[SquadExample]:
+    """SQuAD examples: `data_dir/{train,dev}-v{1.1,2.0}.json` (the official files), or the hub's copy."""
+    if data_dir is not None:
+        name = {"train": "train", "validation": "dev"}.get(split, split)
+        return read_squad(Path(data_dir) / f"{name}-v{task.squad_version}.json", training=training)
+    return _squad_from_hub(task.squad_version, split)
+
+
+def _squad_from_hub(version: str, split: str) -> list[SquadExample]:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(SQUAD_HUB[version], split=split)
+    except Exception as e:  # noqa: BLE001 - offline, unknown split: one line for the user
+        raise UserError(f"cannot load {SQUAD_HUB[version]} split {split} from the hub "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"pass task.data_dir with the official JSON files instead") from None
+    return [SquadExample(qid=r["id"], title=r["title"], question=r["question"], context=r["context"],
+                         answers=list(zip(r["answers"]["text"], r["answers"]["answer_start"], strict=True)),
+                         is_impossible=not r["answers"]["text"]) for r in rows]
+
+
+def squad_dataset(examples: list[SquadExample]) -> list[dict]:
+    """The official JSON's "data" list for `examples`, what the official scorer reads."""
+    articles: dict[str, dict] = {}
+    for ex in examples:
+        article = articles.setdefault(ex.title, {"title": ex.title, "paragraphs": []})
+        qa = {"id": ex.qid, "question": ex.question, "is_impossible": ex.is_impossible,
+              "answers": [{"text": t, "answer_start": s} for t, s in ex.answers]}
+        article["paragraphs"].append({"context": ex.context, "qas": [qa]})
+    return list(articles.values())

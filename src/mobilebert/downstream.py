@@ -1,0 +1,194 @@
+"""Downstream data in, scores out: the task model for a task, its training batches, its predictions and metrics.
+
+Used by `mobilebert finetune` (training and model selection) and `mobilebert evaluate` (any checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mobilebert.data.builtin_tasks import BuiltinSizes, write_builtin_tasks
+from mobilebert.data.glue import TextExample
+from mobilebert.data.squad import SquadExample, SquadFeatures, make_features, postprocess
+from mobilebert.data.tasks import Task, load_squad_examples, load_text_examples, squad_dataset
+from mobilebert.errors import UserError
+from mobilebert.heads import MobileBertForQuestionAnswering, MobileBertForSequenceClassification
+from mobilebert.metrics import compute_metrics, evaluate_v1, evaluate_v2
+from mobilebert.tokenizer import Tokenizer
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """How a task's text becomes model inputs and QA logits become answers (None: the task family's default)."""
+
+    max_seq_length: int | None = None
+    doc_stride: int | None = None
+    max_query_length: int = 64
+    n_best_size: int = 20
+    max_answer_length: int = 30
+    null_score_diff_threshold: float = 0.0
+
+    def seq_length(self, task: Task) -> int:
+        return self.max_seq_length or task.family.max_seq_length
+
+    def stride(self, task: Task) -> int:
+        return self.doc_stride or task.family.doc_stride
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOBILEBERT_CACHE", "~/.cache/mobilebert")).expanduser()
+
+
+def task_data_dir(task: Task, data_dir: str | None) -> str | None:
+    """Where a task's files are: `data_dir`, or for built-in tasks the generated folder (made on first use)."""
+    if data_dir is not None or not task.builtin:
+        return data_dir
+    return str(write_builtin_tasks(cache_dir() / "builtin-tasks", BuiltinSizes()) / task.name)
+
+
+def load_model(task: Task, checkpoint: str) -> torch.nn.Module:
+    """The task model from any MobileBERT checkpoint: a new head when the checkpoint has none for this task."""
+    if task.kind == "qa":
+        return MobileBertForQuestionAnswering.from_pretrained(checkpoint)
+    if task.kind == "regression":
+        return MobileBertForSequenceClassification.from_pretrained(
+            checkpoint, id2label={0: "LABEL_0"}, problem_type="regression")
+    return MobileBertForSequenceClassification.from_pretrained(
+        checkpoint, id2label=dict(enumerate(task.labels)), problem_type="single_label_classification")
+
+
+# ---- data ----
+
+@dataclass
+class TaskData:
+    """One split of a task, ready for the model: text examples, or QA examples with their windows."""
+
+    task: Task
+    split: str
+    texts: list[TextExample] | None = None
+    squad: list[SquadExample] | None = None
+    features: SquadFeatures | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts) if self.texts is not None else len(self.features.input_ids)
+
+
+def load_split(task: Task, split: str, data_dir: str | None, tokenizer: Tokenizer, settings: TaskSettings,
+               training: bool, limit: int | None = None) -> TaskData:
+    data_dir = task_data_dir(task, data_dir)
+    if task.kind != "qa":
+        texts = load_text_examples(task, split, data_dir)
+        if training and any(ex.label is None for ex in texts):
+            raise UserError(f"{task.name} {split}: examples without labels cannot be trained on")
+        return TaskData(task, split, texts=texts[:limit] if limit else texts)
+    examples = load_squad_examples(task, split, data_dir, training=training)
+    examples = examples[:limit] if limit else examples
+    features = make_features(examples, tokenizer, settings.seq_length(task), settings.stride(task),
+                             settings.max_query_length, training=training)
+    return TaskData(task, split, squad=examples, features=features)
+
+
+def make_batch(data: TaskData, rows: np.ndarray, tokenizer: Tokenizer, settings: TaskSettings) -> Batch:
+    """Model inputs (and labels, when known) of the given rows, padded to the longest row."""
+    if data.texts is not None:
+        examples = [data.texts[i] for i in rows]
+        second = [ex.texts[1] for ex in examples] if len(examples[0].texts) > 1 else None
+        batch = tokenizer.encode_pairs([ex.texts[0] for ex in examples], second,
+                                       max_length=settings.seq_length(data.task))
+        if all(ex.label is not None for ex in examples):
+            dtype = torch.float32 if data.task.kind == "regression" else torch.int64
+            batch["labels"] = torch.tensor([ex.label for ex in examples], dtype=dtype)
+        return batch
+    f = data.features
+    batch = {k: torch.as_tensor(getattr(f, k)[rows]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    if f.start_positions is not None:
+        batch["start_positions"] = torch.as_tensor(f.start_positions[rows])
+        batch["end_positions"] = torch.as_tensor(f.end_positions[rows])
+    width = int(batch["attention_mask"].sum(1).max())  # drop columns that are padding in every row
+    for k in ("input_ids", "attention_mask", "token_type_ids"):
+        batch[k] = batch[k][:, :width].long()
+    return batch
+
+
+# ---- loss ----
+
+def task_counts(batch: Batch) -> dict[str, int]:
+    return {"task": len(batch["input_ids"])}
+
+
+def task_loss_sums(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    """Summed task loss of a micro-batch: cross-entropy, squared error (regression) or the mean of the start and
+    end cross-entropies (QA, MOBILEBERT.md §2). The engine divides by the global example count."""
+    out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    if "start_positions" in batch:
+        start = F.cross_entropy(out.start_logits.float(), batch["start_positions"], reduction="sum")
+        end = F.cross_entropy(out.end_logits.float(), batch["end_positions"], reduction="sum")
+        return {"task": (start + end) / 2}
+    logits = out.logits.float()
+    if logits.shape[-1] == 1:
+        return {"task": F.mse_loss(logits.squeeze(-1), batch["labels"], reduction="sum")}
+    return {"task": F.cross_entropy(logits, batch["labels"], reduction="sum")}
+
+
+# ---- prediction and scores ----
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data: TaskData, tokenizer: Tokenizer, settings: TaskSettings,
+            batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
+    """Logits of every row: (N, labels) for classification, (N,) for regression, (N, 2, T) start/end for QA."""
+    model.eval()
+    outputs = []
+    for begin in range(0, len(data), batch_size):
+        rows = np.arange(begin, min(begin + batch_size, len(data)))
+        batch = make_batch(data, rows, tokenizer, settings)
+        out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                    batch["token_type_ids"].to(device))
+        if data.features is not None:
+            width = data.features.input_ids.shape[1]
+            both = torch.stack([out.start_logits, out.end_logits], 1).float().cpu()  # (B, 2, T')
+            outputs.append(F.pad(both, (0, width - both.shape[-1]), value=-1e4).numpy())
+        else:
+            logits = out.logits.float().cpu().numpy()
+            outputs.append(logits[:, 0] if logits.shape[-1] == 1 else logits)
+    return np.concatenate(outputs)
+
+
+def score(data: TaskData, logits: np.ndarray, settings: TaskSettings) -> dict[str, float]:
+    """The task's official metrics of `logits` on labelled data (in percent for SQuAD, fractions for GLUE)."""
+    task = data.task
+    if data.features is None:
+        labels = np.array([ex.label for ex in data.texts])
+        preds = logits if task.kind == "regression" else logits.argmax(-1)
+        return compute_metrics(task.metrics, preds, labels)
+    answers = qa_answers(data, logits, settings)
+    dataset = squad_dataset(data.squad)
+    if task.squad_version == "2.0":
+        return evaluate_v2(dataset, answers.predictions, na_probs=answers.null_odds)
+    return evaluate_v1(dataset, answers.predictions)
+
+
+def qa_answers(data: TaskData, logits: np.ndarray, settings: TaskSettings):
+    return postprocess(data.squad, data.features, logits[:, 0], logits[:, 1], settings.n_best_size,
+                       settings.max_answer_length, version_2=data.task.squad_version == "2.0",
+                       null_score_diff_threshold=settings.null_score_diff_threshold)
+
+
+def constant_baseline(train: TaskData, dev: TaskData) -> dict[str, float]:
+    """Scores of always predicting the training set's commonest label (mean score for regression)."""
+    if dev.texts is None:
+        return {}
+    labels = np.array([ex.label for ex in train.texts])
+    if train.task.kind == "regression":
+        logits = np.full(len(dev.texts), labels.mean())
+    else:
+        logits = np.zeros((len(dev.texts), train.task.num_labels))
+        logits[:, np.bincount(labels.astype(int), minlength=train.task.num_labels).argmax()] = 1
+    return score(dev, logits, TaskSettings())

@@ -1,0 +1,41 @@
+"""`mobilebert evaluate` (dev-set metrics of any checkpoint) and `mobilebert squad-eval` (official SQuAD scoring)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from mobilebert.checkpoint import resolve
+from mobilebert.data.tasks import get_task
+from mobilebert.downstream import TaskSettings, load_model, load_split, predict, score
+from mobilebert.metrics import squad_eval_file
+from mobilebert.report import format_table
+from mobilebert.tokenizer import Tokenizer
+
+
+def evaluate_checkpoint(checkpoint: str, task_name: str, split: str | None = None, data_dir: str | None = None,
+                        settings: TaskSettings | None = None, batch_size: int = 64,
+                        limit: int | None = None) -> dict[str, float]:
+    """The task's official metrics of a fine-tuned checkpoint on a labelled split (default: the first dev split)."""
+    task, settings = get_task(task_name), settings or TaskSettings()
+    tokenizer = Tokenizer.from_pretrained(resolve(checkpoint))
+    data = load_split(task, split or task.dev_splits[0], data_dir, tokenizer, settings, training=False, limit=limit)
+    model = load_model(task, checkpoint)
+    return score(data, predict(model, data, tokenizer, settings, batch_size), settings)
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = TaskSettings(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride)
+    began = time.perf_counter()
+    metrics = evaluate_checkpoint(args.checkpoint, args.task, args.split, args.data_dir, settings, args.batch_size,
+                                  args.max_examples)
+    print(format_table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in metrics.items()]))
+    print(f"{args.task} {args.split or 'dev'} scored in {time.perf_counter() - began:.1f}s")
+    print(json.dumps({"task": args.task, "checkpoint": args.checkpoint, **metrics}))
+    return 0
+
+
+def squad_eval_main(args: argparse.Namespace) -> int:
+    print(json.dumps(squad_eval_file(args.data, args.predictions, args.na_prob_file, args.na_prob_thresh)))
+    return 0

@@ -1,0 +1,198 @@
+"""`mobilebert finetune` and `mobilebert evaluate` end to end: every GLUE task from original-format TSVs, SQuAD,
+the built-in tasks, the search, resume, submissions and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_glue import FILES, write_files
+
+from mobilebert.config import preset
+from mobilebert.data.builtin_tasks import BUILTIN_TASKS, BuiltinSizes, write_builtin_tasks
+from mobilebert.data.glue import TASKS, load_task
+from mobilebert.data.tasks import get_task
+from mobilebert.downstream import TaskSettings, load_split
+from mobilebert.heads import MobileBertForPreTraining
+from mobilebert.metrics import evaluate_v1
+from mobilebert.recipes.finetune import EpochOrder, SearchOptions, trials
+from mobilebert.tokenizer import Tokenizer
+
+SQUAD = {"version": "1.1", "data": [{"title": "t", "paragraphs": [
+    {"context": "The quick brown fox jumps over the lazy dog. It was very quick indeed.",
+     "qas": [{"id": "q1", "question": "Who jumps?", "answers": [{"text": "brown fox", "answer_start": 10}]},
+             {"id": "q2", "question": "Over what?", "answers": [{"text": "the lazy dog", "answer_start": 31}]}]}]}]}
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mobilebert", *args], cwd=cwd, capture_output=True, text=True,
+                          env={"MOBILEBERT_CACHE": str(cwd / "cache"), "PATH": "/usr/bin:/bin"})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny pre-training checkpoint with a tokenizer that knows the test files' words."""
+    root = tmp_path_factory.mktemp("finetune")
+    sentences = [line for lines in FILES.values() for line in lines]
+    sentences += [SQUAD["data"][0]["paragraphs"][0]["context"], "who what over"]
+    tokenizer = Tokenizer.train([sentences], vocab_size=400, min_frequency=1)
+    torch.manual_seed(0)
+    model = MobileBertForPreTraining(preset("mobilebert-test", vocab_size=tokenizer.vocab_size))
+    return model.save_pretrained(root / "pretrained", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_files(root / "glue", FILES)
+    (root / "squad").mkdir()
+    for name in ("train-v1.1.json", "dev-v1.1.json"):
+        (root / "squad" / name).write_text(json.dumps(SQUAD))
+    return root
+
+
+FAST = ["--train.log_every", "1", "--task.max_seq_length", "32", "--search.epochs", "[2]", "--search.batch_size",
+        "[2]", "--train.tensorboard", "false"]
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if t != "ax"])
+def test_every_glue_task_finetunes_from_original_tsvs(checkpoint, data_dirs, tmp_path, task):
+    result = run_cli("finetune", "--checkpoint", str(checkpoint), "--task", task, "--task.data_dir",
+                     str(data_dirs / "glue"), *FAST, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "run"
+    summary = json.loads((out / "results.json").read_text())
+    spec = TASKS[task]
+    assert summary["main_metric"] == spec.metrics[0] and len(summary["trials"]) == 1
+    assert set(spec.metrics) <= set(summary["best"]["metrics"])
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "vocab.txt").is_file()
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert len(config["id2label"]) == (len(spec.labels) if spec.labels else 1)
+    trial = out / "trials" / summary["best"]["name"]
+    losses = [r["loss"] for r in read_jsonl(trial / "metrics.jsonl") if "loss" in r]
+    assert losses and all(np.isfinite(losses))
+    # Leaderboard files: one per test split (MNLI also writes AX), header and label strings as GLUE expects.
+    names = sorted(p.name for p in (out / "submission").iterdir())
+    expected = sorted([*spec.submission_names.values(), *(["AX.tsv"] if task == "mnli" else [])])
+    assert names == expected
+    for name in names:
+        lines = (out / "submission" / name).read_text().splitlines()
+        assert lines[0] == "index\tprediction"
+        allowed = set(spec.labels) if spec.labels else None
+        for line in lines[1:]:
+            value = line.split("\t")[1]
+            assert value in allowed if allowed else 0.0 <= float(value) <= 5.0
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_squad_finetunes_and_writes_official_predictions(checkpoint, data_dirs, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("finetune", "--checkpoint", str(checkpoint), "--task", "squad1", "--task.data_dir",
+                     str(data_dirs / "squad"), "--task.max_seq_length", "32", "--task.doc_stride", "8",
+                     "--task.max_query_length", "8",
+                     "--search.epochs", "[1]", "--search.batch_size", "[4]", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert set(predictions) == {"q1", "q2"}
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["best"]["metrics"] == pytest.approx(evaluate_v1(SQUAD["data"], predictions))
+    scored = run_cli("squad-eval", str(data_dirs / "squad" / "dev-v1.1.json"), str(out / "predictions.json"),
+                     cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout.splitlines()[-1]) == pytest.approx(summary["best"]["metrics"])
+
+
+def test_search_runs_every_combination_and_seed_and_resumes(checkpoint, data_dirs, tmp_path):
+    out = tmp_path / "run"
+    args = ["finetune", "--checkpoint", str(checkpoint), "--task", "rte", "--task.data_dir", str(data_dirs / "glue"),
+            *FAST, "--search.lr", "[1e-4, 1e-3]", "--search.seeds", "[0, 1]", "--out", str(out)]
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert len(summary["trials"]) == 4 and {t["seed"] for t in summary["trials"]} == {0, 1}
+    assert "±" in (out / "results.md").read_text()
+    # Finished outputs are kept unless asked; --resume with everything done is a no-op.
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert run_cli(*args, "--resume", cwd=tmp_path).returncode == 0
+    # A lost summary is rebuilt from the finished trials without training again.
+    (out / "results.json").unlink()
+    stamps = {p: p.stat().st_mtime for p in out.glob("trials/*/final/model.safetensors")}
+    assert run_cli(*args, "--resume", cwd=tmp_path).returncode == 0
+    assert {p: p.stat().st_mtime for p in stamps} == stamps
+
+
+def test_evaluate_scores_a_finetuned_checkpoint(checkpoint, data_dirs, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("finetune", "--checkpoint", str(checkpoint), "--task", "stsb", "--task.data_dir",
+                   str(data_dirs / "glue"), *FAST, "--out", str(out), cwd=tmp_path).returncode == 0
+    result = run_cli("evaluate", str(out / "final"), "--task", "stsb", "--data-dir", str(data_dirs / "glue"),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout.splitlines()[-1])
+    best = json.loads((out / "results.json").read_text())["best"]["metrics"]
+    assert {k: line[k] for k in ("pearson", "spearman")} == pytest.approx(
+        {k: best[k] for k in ("pearson", "spearman")}, nan_ok=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "nope"], "unknown task 'nope'"),
+    (["--task", "ax"], "diagnostic test set"),
+    (["--task", "rte", "--task.data_dir", "missing"], "missing"),
+    (["--task", "rte", "--train.lr", "2e-5"], "search.lr"),
+])
+def test_bad_input_is_one_line(checkpoint, tmp_path, args, message):
+    result = run_cli("finetune", "--checkpoint", str(checkpoint), *args, "--out", str(tmp_path / "run"),
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_trials_cover_the_grid_with_family_defaults():
+    task = get_task("mrpc")
+    assert trials(SearchOptions(), task)[0].lr == 5e-5
+    grid = trials(SearchOptions(lr=[1e-5, 2e-5], epochs=[2, 3], seeds=[0, 1, 2]), task)
+    assert len(grid) == 12 and {t.batch_size for t in grid} == {32}
+    assert trials(SearchOptions(), get_task("squad2"))[0].epochs == 5
+
+
+def test_epoch_order_is_a_pure_function_of_the_step_and_covers_each_epoch():
+    order = EpochOrder(10, 4, seed=3)
+    rows = np.concatenate([order.rows(s) for s in range(5)])  # 20 rows: two epochs
+    assert sorted(rows[:10]) == list(range(10)) and sorted(rows[10:]) == list(range(10))
+    assert np.array_equal(EpochOrder(10, 4, seed=3).rows(3), order.rows(3))
+    shards = [EpochOrder(10, 4, 3, rank, 2).rows(2) for rank in range(2)]
+    assert sorted(np.concatenate(shards)) == sorted(order.rows(2))
+
+
+def test_builtin_tasks_are_written_in_glue_and_squad_formats_with_a_learnable_signal(tmp_path):
+    root = write_builtin_tasks(tmp_path, BuiltinSizes(train=200, dev=50))
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(BUILTIN_TASKS)
+    tokenizer = Tokenizer.train([["a b c"]], vocab_size=50, min_frequency=1)
+    for name in BUILTIN_TASKS:
+        task = get_task(name)
+        for split in ("train", "validation"):
+            data = load_split(task, split, str(root / name), tokenizer, TaskSettings(), training=split == "train")
+            assert len(data) >= (200 if split == "train" else 50) * (0 if task.kind == "qa" else 1)
+    # The labels follow from the text: an oracle that reads the rule scores perfectly.
+    order = load_task("cola", "train", root / "builtin-order")
+    assert {ex.label for ex in order} == {0, 1}
+    overlap = load_task("stsb", "train", root / "builtin-overlap")
+    for ex in overlap[:50]:
+        a, b = ex.texts[0].split(), ex.texts[1].split()
+        kept = sum(x == y for x, y in zip(a, b, strict=True))
+        assert ex.label >= 5 * kept / len(a) - 1e-3  # a replacement can draw the same word back
+    qa = json.loads((root / "builtin-qa" / "dev-v1.1.json").read_text())
+    for article in qa["data"]:
+        for paragraph in article["paragraphs"]:
+            for q in paragraph["qas"]:
+                answer = q["answers"][0]
+                assert paragraph["context"][answer["answer_start"]:].startswith(answer["text"])
+                assert q["question"].replace("what", answer["text"], 1) in paragraph["context"]
