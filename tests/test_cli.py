@@ -23,13 +23,6 @@ def test_presets_prints_the_spec_sizes():
     assert "5.39G" in result.stdout
 
 
-def test_demo_round_trips_a_checkpoint(tmp_path):
-    result = run("demo", "--out", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert "identical outputs" in result.stdout
-    assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
-
-
 def test_user_errors_are_one_line_without_traceback():
     result = run("presets", "--seq-len", "abc")
     assert result.returncode == 2 and "Traceback" not in result.stderr

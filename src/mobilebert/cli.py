@@ -77,10 +77,30 @@ def build_parser() -> argparse.ArgumentParser:
     squad_eval.add_argument("--na-prob-thresh", type=float, default=1.0,
                             help="v2.0: predict no answer above this probability (default 1.0)")
 
-    demo = commands.add_parser("demo", help="run the pipeline on the built-in corpus and write a report",
-                               description="Run what the pipeline has so far: every preset built and measured, "
-                                           "and a checkpoint round trip through transformers' format.")
+    from mobilebert.deploy.bench import add_arguments as add_bench_arguments
+    from mobilebert.recipes.export import add_arguments as add_export_arguments
+
+    export = commands.add_parser(
+        "export", help="ONNX fp32 / int8 (dynamic or static) and torch int8, with a parity check against eager",
+        description="Export a checkpoint to ONNX (dynamic batch and sequence axes) or int8, check it against the "
+                    "eager model, and write OUT/export.json with sizes, parity and versions.")
+    add_export_arguments(export)
+
+    bench = commands.add_parser(
+        "bench", help="latency and throughput of every backend against transformers' references",
+        description="Time eager, optimized, compiled, bf16, ONNX fp32/int8 and torch int8 MobileBERT against "
+                    "transformers' MobileBertModel and BERT-base in one process (same weights, interleaved "
+                    "repetitions, threads pinned). Prints a table, then one JSON line.")
+    add_bench_arguments(bench)
+
+    demo = commands.add_parser(
+        "demo", help="the whole pipeline on the built-in corpus, ending in a report",
+        description="Built-in corpus -> tokenizer -> IB-BERT-shaped teacher -> PKT knowledge transfer and "
+                    "distillation -> fine-tuning of teacher, distilled and undistilled students on the built-in "
+                    "tasks -> int8 ONNX export -> benchmark -> OUT/report.md and OUT/report.html. Finished stages "
+                    "are skipped, so an interrupted demo resumes where it stopped.")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="the same pipeline at toy size (about a minute)")
     return parser
 
 
@@ -113,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             from mobilebert.recipes.finetune import main as run
         elif args.command == "evaluate":
             from mobilebert.recipes.evaluate import main as run
+        elif args.command == "export":
+            from mobilebert.recipes.export import main as run
+        elif args.command == "bench":
+            from mobilebert.deploy.bench import main as run
         elif args.command == "squad-eval":
             from mobilebert.recipes.evaluate import squad_eval_main as run
         else:

@@ -1,50 +1,170 @@
-"""`mobilebert demo`: the whole pipeline on the built-in corpus. So far: the model family and checkpoints."""
+"""`mobilebert demo`: the whole MobileBERT pipeline on the built-in corpus, ending in a report.
+
+built-in corpus → tokenizer → IB-BERT-shaped teacher (pre-training) → PKT knowledge transfer and pre-training
+distillation → a student of the same shape trained from scratch for the same steps (the baseline) → fine-tuning
+of teacher, distilled and undistilled students on the built-in tasks → int8 quantization and ONNX export of the
+distilled student's task models → benchmark → report.md / report.html with plots.
+
+Each stage writes into its own folder under --out and a `stage.json` when it is finished; a finished stage is
+skipped, an interrupted one resumes from its last checkpoint. `--quick` runs the same pipeline at toy size.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from mobilebert.config import preset
-from mobilebert.heads import MobileBertForPreTraining
-from mobilebert.recipes.presets import preset_table
+from mobilebert.checkpoint import atomic_write
+from mobilebert.data.builtin_tasks import BUILTIN_TASKS, BuiltinSizes, write_builtin_tasks
 
 
-def checkpoint_round_trip(out: Path) -> str:
-    """Save a random demo-size student in transformers' format, load it back (and into transformers if present)."""
-    torch.manual_seed(0)
-    model = MobileBertForPreTraining(preset("mobilebert-demo")).eval()
-    ids = torch.randint(1, 8192, (2, 64))
-    mask = torch.ones_like(ids)
-    mask[1, 40:] = 0
-    model.save_pretrained(out)
-    reloaded = MobileBertForPreTraining.from_pretrained(out)
-    with torch.no_grad():
-        ref = model(ids, mask).prediction_logits
-        same = torch.equal(reloaded(ids, mask).prediction_logits, ref)
-    lines = [f"saved {out} ({sum(p.stat().st_size for p in out.iterdir()) / 1e6:.1f} MB); reloaded: "
-             f"{'identical outputs' if same else 'OUTPUTS DIFFER'}"]
-    try:
-        import transformers
-    except ImportError:
-        lines.append("transformers not installed: interoperability check skipped")
-    else:
-        theirs = transformers.MobileBertForPreTraining.from_pretrained(out).eval()
-        with torch.no_grad():
-            err = ((theirs(ids, attention_mask=mask).prediction_logits - ref).abs().max() / ref.abs().max()).item()
-        lines.append(f"loaded in transformers {transformers.__version__}: relative error {err:.1e}")
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of every stage: the full demo (under 20 minutes on 2 cores) or `--quick` (about a minute)."""
+
+    teacher_steps: int = 600
+    layerwise_steps: int = 600  # PKT: split over the 6 layers
+    pd_steps: int = 300
+    max_seq_length: int = 64
+    task_train: int = 1000
+    task_dev: int = 400
+    epochs: float = 2.0
+    bench_preset: str = "mobilebert"
+    bench_repetitions: int = 10
+    teacher_preset: str = "ib-bert-demo"
+    student_preset: str = "mobilebert-demo"
+    vocab_size: int = 8192
+    max_documents: int | None = None  # of the corpus: all
+    log_every: int = 10
+
+
+QUICK = DemoPlan(teacher_steps=30, layerwise_steps=24, pd_steps=12, max_seq_length=32, task_train=96, task_dev=48,
+                 epochs=1.0, bench_preset="mobilebert-test", bench_repetitions=2, teacher_preset="ib-bert-demo",
+                 vocab_size=1000, max_documents=300, log_every=1)
+
+MODELS = ("teacher", "student", "scratch")  # fine-tuned: the teacher, the distilled and the undistilled student
+
+
+def run_stage(out: Path, name: str, work: Callable[[Path], dict[str, Any] | None]) -> dict[str, Any]:
+    """Run `work(folder)` unless its stage.json says it finished; record how long it took."""
+    folder = out / name
+    marker = folder / "stage.json"
+    if marker.is_file():
+        record = json.loads(marker.read_text())
+        print(f"[{name}] done earlier ({record['seconds']:.0f}s): skipped")
+        return record
+    print(f"[{name}] running")
+    folder.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    result = work(folder) or {}
+    record = {"stage": name, "seconds": time.perf_counter() - began, **result}
+    atomic_write(marker, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    print(f"[{name}] finished in {record['seconds']:.0f}s")
+    return record
+
+
+def _run(main: Callable[[argparse.Namespace], int], out: Path, config: str | None, overrides: list[str],
+         **extra: Any) -> None:
+    args = argparse.Namespace(config=config, out=str(out), resume=True, overwrite=False, overrides=overrides,
+                              **extra)
+    if main(args) != 0:
+        raise RuntimeError(f"{main.__module__} failed")
+
+
+def _config(name: str) -> str | None:
+    """A shipped demo config: found beside the package in a checkout (configs/demo/)."""
+    path = Path(__file__).resolve().parents[3] / "configs" / "demo" / name
+    return str(path) if path.is_file() else None
+
+
+def _data_overrides(plan: DemoPlan, cache: Path) -> list[str]:
+    limit = ["--data.max_documents", str(plan.max_documents)] if plan.max_documents else []
+    return ["--data.max_seq_length", str(plan.max_seq_length), "--data.cache_dir", str(cache),
+            "--train.tensorboard", "false", "--train.log_every", str(plan.log_every), *limit]
+
+
+def teacher_stage(plan: DemoPlan, out: Path) -> Callable[[Path], dict]:
+    from mobilebert.recipes.pretrain import main
+
+    def work(folder: Path) -> dict:
+        _run(main, folder, _config("teacher.yaml"), [
+            "--model.preset", plan.teacher_preset, "--train.steps", str(plan.teacher_steps),
+            "--train.warmup_steps", str(min(50, plan.teacher_steps // 10)),
+            "--data.vocab_size", str(plan.vocab_size), "--train.eval_every", str(max(plan.teacher_steps // 3, 1)),
+            *_data_overrides(plan, out / "cache")])
+        return {"model": str(folder / "final")}
+
+    return work
+
+
+def student_stage(plan: DemoPlan, out: Path) -> Callable[[Path], dict]:
+    from mobilebert.recipes.distill import main
+
+    def work(folder: Path) -> dict:
+        _run(main, folder, _config("distill-pkt.yaml"), [
+            "--distill.layerwise_steps", str(plan.layerwise_steps), "--distill.pd_steps", str(plan.pd_steps),
+            "--distill.pd_warmup_steps", str(max(plan.pd_steps // 10, 1)), "--train.eval_every",
+            str(plan.layerwise_steps + plan.pd_steps), *_data_overrides(plan, out / "cache")],
+             teacher=str(out / "teacher" / "final"), student=plan.student_preset, strategy="pkt")
+        return {"model": str(folder / "final")}
+
+    return work
+
+
+def scratch_stage(plan: DemoPlan, out: Path) -> Callable[[Path], dict]:
+    """The baseline: the student's shape trained with plain MLM + NSP for as many steps as the distillation."""
+    from mobilebert.recipes.pretrain import main
+
+    def work(folder: Path) -> dict:
+        steps = plan.layerwise_steps + plan.pd_steps
+        _run(main, folder, _config("teacher.yaml"), [
+            "--model.preset", plan.student_preset, "--train.steps", str(steps), "--train.warmup_steps",
+            str(min(50, steps // 10)), "--data.tokenizer", str(out / "teacher" / "final"), "--train.eval_every",
+            str(steps), *_data_overrides(plan, out / "cache")])
+        return {"model": str(folder / "final")}
+
+    return work
+
+
+def finetune_stage(plan: DemoPlan, out: Path, model: str) -> Callable[[Path], dict]:
+    from mobilebert.recipes.finetune import main
+
+    def work(folder: Path) -> dict:
+        tasks = write_builtin_tasks(out / "tasks", BuiltinSizes(plan.task_train, plan.task_dev))
+        results = {}
+        for task in BUILTIN_TASKS:
+            _run(main, folder / task, None, [
+                "--task.data_dir", str(tasks / task), "--search.epochs", f"[{plan.epochs}]",
+                "--train.tensorboard", "false", "--task.max_seq_length", "128"],
+                 checkpoint=str(out / model / "final"), task=task)
+            summary = json.loads((folder / task / "results.json").read_text())
+            results[task] = {"metrics": summary["best"]["metrics"], "baseline": summary["baseline"],
+                             "main_metric": summary["main_metric"]}
+        return {"tasks": results}
+
+    return work
 
 
 def main(args: argparse.Namespace) -> int:
+    from mobilebert.recipes.demo_report import bench_stage, deploy_stage, write_report
+
+    plan = QUICK if args.quick else DemoPlan()
     out = Path(args.out)
-    start = time.perf_counter()
-    print("The MobileBERT family (backbone parameters; FLOPs of one sequence):")
-    print(preset_table())
-    print()
-    print(checkpoint_round_trip(out / "checkpoint"))
-    print(f"\ndone in {time.perf_counter() - start:.1f}s; outputs in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    records = {"plan": asdict(plan)}
+    records["teacher"] = run_stage(out, "teacher", teacher_stage(plan, out))
+    records["student"] = run_stage(out, "student", student_stage(plan, out))
+    records["scratch"] = run_stage(out, "scratch", scratch_stage(plan, out))
+    for model in MODELS:
+        records[f"finetune-{model}"] = run_stage(out, f"finetune-{model}", finetune_stage(plan, out, model))
+    records["deploy"] = run_stage(out, "deploy", deploy_stage(plan, out))
+    records["bench"] = run_stage(out, "bench", bench_stage(plan, out))
+    report = write_report(out, records)
+    print(f"\ndone in {time.perf_counter() - began:.0f}s; report: {report}")
     return 0

@@ -1,0 +1,1 @@
+"""Deployment: export, quantization, inference optimization and benchmarks."""

@@ -1,0 +1,326 @@
+"""`mobilebert bench`: latency and throughput of every way to run MobileBERT, against references, in one process.
+
+Backends share the same random (or given) weights and the same inputs; each is checked against eager before it is
+timed. Timing follows BENCHMARKING.md: threads pinned for every runtime (ONNX Runtime without spinning), warm-up,
+then repetitions interleaved across backends so machine drift hits all alike; median and p90 per backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mobilebert.config import MobileBertConfig, preset
+from mobilebert.errors import UserError
+from mobilebert.model import MobileBertModel
+from mobilebert.report import format_table
+from mobilebert.stats import count_flops
+
+OURS = ("eager", "optimized", "compiled", "bf16", "onnx", "onnx-int8", "torch-int8")
+REFERENCES = ("hf-mobilebert", "hf-bert-base")
+DEFAULT_BACKENDS = ("eager", "optimized", "bf16", "onnx", "onnx-int8", "torch-int8", *REFERENCES)
+
+
+@dataclass
+class Backend:
+    name: str
+    run: Callable[[dict[str, torch.Tensor]], torch.Tensor]  # inputs -> last hidden state (float32)
+    size_bytes: int | None = None  # the model's file on disk
+    flops: int | None = None  # per sequence, when it runs our architecture
+    error: float | None = None  # relative error of its output against eager
+    times: list[float] = field(default_factory=list)
+
+
+def cpu_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def random_inputs(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fresh random ids and a realistic mask: every row but the first ends in padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab_size, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, seq - seq // (4 * row) :] = 0
+    types = torch.zeros_like(ids)
+    types[:, seq // 2 :] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    if isinstance(out, dict):
+        out = out.get("last_hidden_state", next(iter(out.values())))
+    if hasattr(out, "last_hidden_state"):
+        out = out.last_hidden_state
+    return torch.as_tensor(out).float()
+
+
+def build_backends(model: MobileBertModel, names: list[str], threads: int, workdir: Path,
+                   example: dict[str, torch.Tensor]) -> list[Backend]:
+    """Every requested backend around the same weights; names that cannot run here are reported and skipped."""
+    weights = workdir / "eager"
+    model.save_pretrained(weights)
+    flops = count_flops(model.config, example["input_ids"].shape[1])
+    backends = []
+    for name in names:
+        try:
+            backend = _BUILDERS[name](model, weights, workdir, threads)
+        except (ImportError, RuntimeError, NotImplementedError, UserError) as e:
+            print(f"skipping {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        backend.flops = backend.flops if name == "hf-bert-base" else flops
+        backends.append(backend)
+    return backends
+
+
+def _eager(model, weights, workdir, threads) -> Backend:
+    return Backend("eager", lambda b: _hidden(model(**b)), _size(weights / "model.safetensors"))
+
+
+def _optimized(model, weights, workdir, threads) -> Backend:
+    from mobilebert.deploy.optimize import optimize_for_inference
+
+    fast = optimize_for_inference(model)
+    return Backend("optimized", lambda b: _hidden(fast(**b)), _size(weights / "model.safetensors"))
+
+
+def _compiled(model, weights, workdir, threads) -> Backend:
+    from mobilebert.deploy.optimize import optimize_for_inference
+
+    fast = torch.compile(optimize_for_inference(model), dynamic=True)
+    return Backend("compiled", lambda b: _hidden(fast(**b)), _size(weights / "model.safetensors"))
+
+
+def _bf16(model, weights, workdir, threads) -> Backend:
+    from mobilebert.deploy.optimize import optimize_for_inference
+
+    if not cpu_bf16():
+        raise NotImplementedError("this CPU has no native bf16 (AVX512-BF16/AMX): emulated bf16 is slower")
+    fast = optimize_for_inference(model)
+
+    def run(b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _hidden(fast(**b))
+
+    return Backend("bf16", run, _size(weights / "model.safetensors"))
+
+
+def _onnx(model, weights, workdir, threads, int8: bool = False) -> Backend:
+    from mobilebert.deploy.export import OnnxModel, export_onnx
+
+    path = export_onnx(model, workdir / "model.onnx")
+    if int8:
+        from mobilebert.deploy.quantize import quantize_onnx_dynamic
+
+        path = quantize_onnx_dynamic(path, workdir / "model-int8.onnx")
+    session = OnnxModel(path, threads=threads)
+    return Backend("onnx-int8" if int8 else "onnx", lambda b: _hidden(session(**b)), _size(path))
+
+
+def _torch_int8(model, weights, workdir, threads) -> Backend:
+    from mobilebert.deploy.quantize import quantize_torch_dynamic
+
+    quantized = quantize_torch_dynamic(model)
+    path = workdir / "torch-int8.pt"
+    torch.save(quantized.state_dict(), path)
+    return Backend("torch-int8", lambda b: _hidden(quantized(**b)), _size(path))
+
+
+def _hf_mobilebert(model, weights, workdir, threads) -> Backend:
+    import transformers
+
+    theirs = transformers.MobileBertModel.from_pretrained(weights).eval()
+    return Backend("hf-mobilebert", lambda b: _hidden(theirs(**b)), _size(weights / "model.safetensors"))
+
+
+def _hf_bert_base(model, weights, workdir, threads) -> Backend:
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=model.config.vocab_size)  # BERT-base: 12 × 768, 12 heads, FFN 3072
+    bert = transformers.BertModel(cfg).eval()
+    path = workdir / "bert-base"
+    bert.save_pretrained(path)
+    T, D, Fw, L = 128, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    flops = 2 * L * (T * (4 * D * D + 2 * D * Fw) + 2 * T * T * D)
+    return Backend("hf-bert-base", lambda b: _hidden(bert(**b)), _size(path / "model.safetensors"), flops)
+
+
+_BUILDERS: dict[str, Callable[..., Backend]] = {
+    "eager": _eager, "optimized": _optimized, "compiled": _compiled, "bf16": _bf16, "onnx": _onnx,
+    "onnx-int8": lambda *a: _onnx(*a, int8=True), "torch-int8": _torch_int8, "hf-mobilebert": _hf_mobilebert,
+    "hf-bert-base": _hf_bert_base,
+}
+
+
+def _size(path: Path) -> int | None:
+    return path.stat().st_size if path.is_file() else None
+
+
+def matmul_peak(threads: int, seq: int = 128, repeats: int = 20) -> float:
+    """The machine's fp32 matmul GFLOP/s on MobileBERT's shapes (best of `repeats`), the floor for its latency."""
+    shapes = [(seq, 512, 128), (seq, 128, 512), (seq, 512, 512)]
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            a @ b
+        for _ in range(repeats):
+            began = time.perf_counter()
+            for _ in range(10):
+                a @ b
+            best = max(best, 10 * 2 * m * k * n / (time.perf_counter() - began) / 1e9)
+    return best
+
+
+@torch.inference_mode()
+def measure(backends: list[Backend], inputs: dict[str, torch.Tensor], warmup: int, repetitions: int) -> None:
+    """Check each backend against eager, warm them up, then time them interleaved (A B C A B C ...)."""
+    reference = backends[0].run(inputs) if backends and backends[0].name == "eager" else None
+    for backend in backends:
+        out = backend.run(inputs)
+        if reference is not None and out.shape == reference.shape and backend.name != "hf-bert-base":
+            mask = inputs["attention_mask"].bool()
+            backend.error = ((out - reference)[mask].abs().max() / reference[mask].abs().max()).item()
+        for _ in range(warmup):
+            backend.run(inputs)
+    for _ in range(repetitions):
+        for backend in backends:
+            began = time.perf_counter()
+            backend.run(inputs)
+            backend.times.append(time.perf_counter() - began)
+
+
+def summarise(backends: list[Backend], batch: int, peak: float) -> list[dict[str, Any]]:
+    rows = []
+    by_name = {b.name: b for b in backends}
+    for b in backends:
+        median = statistics.median(b.times)
+        p90 = sorted(b.times)[max(0, int(round(0.9 * len(b.times))) - 1)]
+        row = {"backend": b.name, "median_ms": 1000 * median, "p90_ms": 1000 * p90,
+               "sequences_per_s": batch / median, "size_mb": b.size_bytes / 1e6 if b.size_bytes else None,
+               "relative_error": b.error}
+        for ref in REFERENCES:
+            if ref in by_name:
+                row[f"speedup_vs_{ref}"] = statistics.median(by_name[ref].times) / median
+        if b.flops:
+            row["gflops_per_s"] = batch * b.flops / median / 1e9
+            row["share_of_peak"] = row["gflops_per_s"] / peak
+        rows.append(row)
+    return rows
+
+
+def conditions(threads: int, batch: int, seq: int, peak: float) -> dict[str, Any]:
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for module in ("onnxruntime", "transformers"):
+        with contextlib.suppress(ImportError):
+            versions[module] = __import__(module).__version__
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    return {"cpu": cpu, "native_bf16": cpu_bf16(), "threads": threads, "batch": batch, "seq": seq,
+            "dtype": "fp32 unless the backend says", "matmul_peak_gflops": peak, **versions}
+
+
+def run_bench(cfg: MobileBertConfig, names: list[str], threads: int, batch: int, seq: int, warmup: int,
+              repetitions: int, checkpoint: str | None = None) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = (MobileBertModel.from_pretrained(checkpoint) if checkpoint else MobileBertModel(cfg)).eval()
+    if seq > model.config.max_position_embeddings:
+        raise UserError(f"--seq {seq} exceeds the model's max_position_embeddings "
+                        f"({model.config.max_position_embeddings})")
+    inputs = random_inputs(model.config.vocab_size, batch, seq)
+    peak = matmul_peak(threads, seq)
+    with tempfile.TemporaryDirectory() as tmp:
+        backends = build_backends(model, names, threads, Path(tmp), inputs)
+        measure(backends, inputs, warmup, repetitions)
+    return {"conditions": conditions(threads, batch, seq, peak), "results": summarise(backends, batch, peak)}
+
+
+def format_results(report: dict[str, Any]) -> str:
+    refs = [r for r in REFERENCES if any(f"speedup_vs_{r}" in row for row in report["results"])]
+    header = ["backend", "median ms", "p90 ms", "seq/s", "MB", "rel. error", *[f"× vs {r}" for r in refs],
+              "GFLOP/s", "% of peak"]
+    rows = []
+    for r in report["results"]:
+        rows.append([r["backend"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['sequences_per_s']:.1f}",
+                     f"{r['size_mb']:.1f}" if r["size_mb"] else "-",
+                     f"{r['relative_error']:.1e}" if r["relative_error"] is not None else "-",
+                     *[f"{r[f'speedup_vs_{ref}']:.2f}" for ref in refs],
+                     f"{r.get('gflops_per_s', 0):.0f}", f"{100 * r.get('share_of_peak', 0):.0f}%"])
+    c = report["conditions"]
+    line = (f"{c['cpu']}, {c['threads']} threads, batch {c['batch']}, sequence {c['seq']}, torch {c['torch']}, "
+            f"onnxruntime {c.get('onnxruntime', '-')}, transformers {c.get('transformers', '-')}, "
+            f"matmul peak {c['matmul_peak_gflops']:.0f} GFLOP/s")
+    return format_table(header, rows) + "\n" + line
+
+
+def plot(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
+    names = [r["backend"] for r in rows]
+    ax.barh(names, [r["median_ms"] for r in rows], color=["#888" if n in REFERENCES else "#2a7" for n in names])
+    ax.invert_yaxis()
+    ax.set_xlabel("median latency (ms), lower is better")
+    c = report["conditions"]
+    ax.set_title(f"batch {c['batch']} × {c['seq']}, {c['threads']} threads", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(args: argparse.Namespace) -> int:
+    names = args.backends or list(DEFAULT_BACKENDS)
+    unknown = [n for n in names if n not in _BUILDERS]
+    if unknown:
+        raise UserError(f"unknown backend {unknown[0]!r}: choose from {', '.join(_BUILDERS)}")
+    cfg = preset(args.preset)
+    reports = []
+    for seq in args.seq:
+        report = run_bench(cfg, names, args.threads, args.batch, seq, args.warmup, args.repetitions,
+                           args.checkpoint)
+        print(format_results(report))
+        if args.plot:
+            path = Path(args.plot)
+            path = path.with_name(f"{path.stem}-{seq}{path.suffix}") if len(args.seq) > 1 else path
+            print(f"plot: {plot(report, path)}")
+        reports.append(report)
+    print(json.dumps(reports[0] if len(reports) == 1 else reports))
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="mobilebert", help="model shape with random weights (default mobilebert)")
+    parser.add_argument("--checkpoint", help="time this checkpoint's backbone instead of a random preset")
+    parser.add_argument("--backends", nargs="+", metavar="NAME",
+                        help=f"from {', '.join(_BUILDERS)} (default: {' '.join(DEFAULT_BACKENDS)})")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, nargs="+", default=[128], help="sequence lengths, e.g. 128 384")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repetitions", type=int, default=20, help="timed calls per backend, interleaved")
+    parser.add_argument("--plot", help="write a latency bar chart (PNG) here")

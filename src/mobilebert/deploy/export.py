@@ -1,0 +1,228 @@
+"""ONNX export of any MobileBERT model, an onnxruntime runner with our models' call signature, and parity checks.
+
+The graph takes `input_ids`, `attention_mask` and `token_type_ids` (int64, (B, T); (B, C, T) for multiple choice)
+and returns the model's output fields by name (`last_hidden_state`, `logits`, `start_logits`, ...). Batch and
+sequence axes are dynamic. MobileBERT's activations reach 1e8, so every comparison here is relative:
+max |ours − reference| / max |reference| per output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from mobilebert.checkpoint import atomic_write
+from mobilebert.errors import UserError
+from mobilebert.heads import MobileBertForMaskedLM, MobileBertForMultipleChoice, MobileBertForTokenClassification
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on; onnxruntime ≥ 1.14 runs it
+# Output fields that are training-time extras, not inference results.
+_NOT_EXPORTED = ("loss", "mlm_loss", "nsp_loss", "hidden_states", "attentions", "attention_scores")
+_PER_TOKEN_OUTPUTS = ("last_hidden_state", "prediction_logits", "start_logits", "end_logits")
+_TOKEN_LOGITS_MODELS = (MobileBertForMaskedLM, MobileBertForTokenClassification)  # their `logits` is (B, T, ...)
+
+
+def example_batch(model: nn.Module, batch: int = 2, length: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random ids of the model's vocabulary, the last row padded: a batch that exercises every input.
+
+    Multiple-choice models get (B, 2, T) inputs.
+    """
+    cfg = model.config
+    length = min(length, cfg.max_position_embeddings)
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, 2, length) if isinstance(model, MobileBertForMultipleChoice) else (batch, length)
+    ids = torch.randint(1, cfg.vocab_size, shape, generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, ..., length - length // 3:] = 0  # the last row ends in padding
+    ids[mask == 0] = cfg.pad_token_id
+    types = torch.zeros_like(ids)
+    types[..., length // 2:] = 1
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
+
+
+def output_fields(output: Any) -> dict[str, torch.Tensor]:
+    """The inference results of one of our models' output dataclasses, by field name."""
+    return {f.name: getattr(output, f.name) for f in dataclasses.fields(output)
+            if f.name not in _NOT_EXPORTED and getattr(output, f.name) is not None}
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode (no dropout) for the block; its own mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def eager_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The model's inference results (eval mode) on `batch` as float32 numpy arrays, keyed as the ONNX graph names
+    them."""
+    with eval_mode(model):
+        return {name: t.float().numpy() for name, t in output_fields(model(**batch)).items()}
+
+
+class _Exportable(nn.Module):
+    """Our model with positional inputs and a tuple of tensors out: what the tracing exporter needs."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(input_ids, attention_mask, token_type_ids)
+        return tuple(getattr(out, name) for name in self.names)
+
+
+def _dynamic_axes(model: nn.Module, names: list[str]) -> dict[str, dict[int, str]]:
+    """Batch and sequence (and choices) axes of every input and output, by name."""
+    choices = isinstance(model, MobileBertForMultipleChoice)
+    axes: dict[str, dict[int, str]] = {
+        name: {0: "batch", 1: "choices", 2: "sequence"} if choices else {0: "batch", 1: "sequence"}
+        for name in INPUT_NAMES
+    }
+    for name in names:
+        axes[name] = {0: "batch"}
+        if choices:
+            axes[name][1] = "choices"
+        elif name in _PER_TOKEN_OUTPUTS or (name == "logits" and isinstance(model, _TOKEN_LOGITS_MODELS)):
+            axes[name][1] = "sequence"
+    return axes
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                max_seq_length: int = 128) -> Path:
+    """Write `model` (the backbone or any task model) to `path` as an ONNX graph with dynamic batch and sequence.
+
+    Uses the TorchScript-based exporter (`dynamo=False`): it traces the eval-mode forward once on an example of
+    (2, `max_seq_length`), and needs nothing beyond torch and onnx. The model is left as it was (training flag
+    included). The file is written atomically, with the model's config in its metadata.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with eval_mode(model):
+        example = example_batch(model, length=max_seq_length)
+        names = list(eager_outputs(model, example))
+        # eval() matters: the exporter sets the wrapper's own mode back afterwards, recursively, so a wrapper left
+        # in (default) training mode would switch the model's attention dropout on for every later call.
+        wrapper = _Exportable(model, names).eval()
+        args = tuple(example[name] for name in INPUT_NAMES)
+
+        def write(tmp: Path) -> None:
+            with warnings.catch_warnings():
+                # The legacy exporter's deprecation notice, and tracer notes on our shape checks (constant by design).
+                warnings.simplefilter("ignore")
+                torch.onnx.export(wrapper, args, str(tmp), dynamo=False, opset_version=opset,
+                                  input_names=list(INPUT_NAMES), output_names=names,
+                                  dynamic_axes=_dynamic_axes(model, names), do_constant_folding=True)
+            graph = onnx.load(str(tmp))
+            onnx.helper.set_model_props(graph, {
+                "mobilebert.architecture": type(model).__name__,
+                "mobilebert.config": json.dumps(model.config.to_transformers_dict(type(model).__name__)),
+            })
+            onnx.save(graph, str(tmp))
+
+        atomic_write(path, write)
+    return path
+
+
+class OnnxModel:
+    """An ONNX file run by onnxruntime (CPU, all graph optimizations), called like our models.
+
+    `model(input_ids, attention_mask=None, token_type_ids=None)` takes torch tensors or numpy arrays and returns
+    a dict of float32 numpy arrays by output name. `threads` sets onnxruntime's intra-op threads (default: its
+    own choice, one per physical core).
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        import onnxruntime as ort  # imported here: the rest of the package runs without it
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such ONNX file")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files
+            raise UserError(f"{path}: cannot load ONNX model: {str(e).splitlines()[0]}") from None
+        self.path, self.threads = path, threads
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.architecture = props.get("mobilebert.architecture")
+        config = json.loads(props.get("mobilebert.config", "{}"))
+        self.max_positions = config.get("max_position_embeddings")
+
+    def __call__(self, input_ids: torch.Tensor | np.ndarray, attention_mask: torch.Tensor | np.ndarray | None = None,
+                 token_type_ids: torch.Tensor | np.ndarray | None = None) -> dict[str, np.ndarray]:
+        ids = _int64(input_ids)
+        if self.max_positions is not None and ids.shape[-1] > self.max_positions:
+            raise UserError(f"sequence length {ids.shape[-1]} exceeds the model's maximum "
+                            f"max_position_embeddings={self.max_positions}")
+        feed = {"input_ids": ids,
+                "attention_mask": np.ones_like(ids) if attention_mask is None else _int64(attention_mask),
+                "token_type_ids": np.zeros_like(ids) if token_type_ids is None else _int64(token_type_ids)}
+        results = self.session.run(self.output_names, {k: v for k, v in feed.items() if k in self.input_names})
+        return dict(zip(self.output_names, results, strict=True))
+
+
+def _int64(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return (x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.int64, copy=False)
+
+
+def relative_errors(candidate: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per output: max |candidate − reference| / max |reference| (MobileBERT's activations reach 1e8)."""
+    if set(candidate) != set(reference):
+        raise ValueError(f"outputs differ: {sorted(candidate)} vs {sorted(reference)}")
+    errors = {}
+    for name, ref in reference.items():
+        ref64, got64 = ref.astype(np.float64), candidate[name].astype(np.float64)
+        errors[name] = float(np.abs(got64 - ref64).max() / max(np.abs(ref64).max(), 1e-30))
+    return errors
+
+
+def argmax_agreement(candidate: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                     attention_mask: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """Per `*logits` output: the fraction of predictions (argmax over the last axis) that agree.
+
+    Per-token outputs count real tokens only (padding positions predict nothing anyone reads).
+    """
+    mask = _int64(attention_mask).astype(bool)
+    agreement = {}
+    for name, ref in reference.items():
+        if not name.endswith("logits"):
+            continue
+        same = candidate[name].argmax(-1) == ref.argmax(-1)
+        if name in ("start_logits", "end_logits"):  # (B, T): one prediction per row, over the tokens
+            same = np.where(mask, candidate[name], -np.inf).argmax(-1) == np.where(mask, ref, -np.inf).argmax(-1)
+        elif same.shape == mask.shape:  # (B, T, ...) per-token logits
+            same = same[mask]
+        agreement[name] = float(same.mean())
+    return agreement
+
+
+def check_parity(model: nn.Module, onnx_path: str | os.PathLike, batch: dict[str, torch.Tensor],
+                 threads: int | None = None) -> float:
+    """The largest relative error of any output of the ONNX file against eager `model` on `batch`."""
+    reference = eager_outputs(model, batch)
+    return max(relative_errors(OnnxModel(onnx_path, threads)(**batch), reference).values())

@@ -1,0 +1,270 @@
+"""`mobilebert export`: a checkpoint to ONNX (fp32, int8 dynamic, int8 static) or to a PyTorch int8 module.
+
+The algorithm: load the checkpoint, export (and quantize), run export and eager model on the same held-out real
+text, record sizes and the agreement with eager in DIR/export.json. fp32 must match eager to 1e-4 relative error
+or the command fails; int8 is reported as measured, never failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mobilebert.checkpoint import CONFIG_NAME, TOKENIZER_FILES, atomic_write, read_config, resolve
+from mobilebert.deploy.export import (
+    DEFAULT_OPSET,
+    OnnxModel,
+    argmax_agreement,
+    eager_outputs,
+    example_batch,
+    export_onnx,
+    relative_errors,
+)
+from mobilebert.deploy.quantize import (
+    file_size,
+    quantize_onnx_dynamic,
+    quantize_onnx_static,
+    quantize_torch_dynamic,
+    state_dict_size,
+)
+from mobilebert.errors import UserError
+from mobilebert.heads import TASK_MODELS
+from mobilebert.model import MobileBertModel
+from mobilebert.report import format_table
+from mobilebert.tokenizer import Tokenizer
+
+FORMATS = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-int8-static": "model-int8-static.onnx",
+           "torch-int8": "torch-int8.pt"}
+TASKS = {"backbone": "MobileBertModel", "pretraining": "MobileBertForPreTraining", "masked-lm": "MobileBertForMaskedLM",
+         "nsp": "MobileBertForNextSentencePrediction", "seq-classification": "MobileBertForSequenceClassification",
+         "multiple-choice": "MobileBertForMultipleChoice", "token-classification": "MobileBertForTokenClassification",
+         "qa": "MobileBertForQuestionAnswering"}
+FP32_TOLERANCE = 1e-4
+EVAL_EXAMPLES = 32  # held-out examples for the parity and agreement figures
+CALIBRATION_BATCH = 16
+
+Pair = tuple[str, "str | None"]  # one example of text: a single text, or a pair such as (question, context)
+Runner = Callable[[dict[str, torch.Tensor]], dict[str, np.ndarray]]  # an exported model on a batch: outputs by name
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint folder or hub id")
+    parser.add_argument("--out", required=True, help="output folder: the exported file(s) and export.json")
+    parser.add_argument("--format", default="onnx", choices=list(FORMATS),
+                        help="onnx (fp32), onnx-int8 (dynamic), onnx-int8-static (calibrated, QDQ), torch-int8 "
+                             "(dynamic nn.Linear; written as a state dict)")
+    parser.add_argument("--task", choices=list(TASKS),
+                        help="which head to export (default: the architecture in the checkpoint's config.json)")
+    parser.add_argument("--max-seq-length", type=int, default=128, help="tokens per example (default: 128)")
+    parser.add_argument("--calibration", type=int, default=128, metavar="N",
+                        help="calibration examples for onnx-int8-static (default: 128)")
+    parser.add_argument("--calibration-text", metavar="FILE",
+                        help="text to calibrate on (static) and to measure agreement with eager on (all formats): "
+                             "one example per line, a tab separates a pair (default: sentence pairs of the built-in "
+                             "corpus' validation split)")
+    parser.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile"])
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: its own choice)")
+
+
+def main(args: argparse.Namespace) -> int:
+    _check_arguments(args)
+    checkpoint = resolve(args.checkpoint)
+    cls = model_class(checkpoint, args.task)
+    model = cls.from_pretrained(checkpoint)
+    tokenizer = _tokenizer(checkpoint)
+    if args.format == "onnx-int8-static" and tokenizer is None:
+        raise UserError(f"{args.checkpoint}: no tokenizer files; static quantization calibrates on real text and "
+                        "needs the checkpoint's tokenizer")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Real text: the first N examples calibrate (static only), the next EVAL_EXAMPLES measure agreement.
+    pairs = text_pairs(args.calibration_text) if tokenizer is not None else []
+    n_cal = min(args.calibration, len(pairs)) if args.format == "onnx-int8-static" else 0
+    calibration, held_out = pairs[:n_cal], pairs[n_cal:n_cal + EVAL_EXAMPLES] or pairs[-EVAL_EXAMPLES:]
+    batch = evaluation_batch(model, tokenizer, held_out, args.max_seq_length)
+
+    files, fp32_bytes, runners = export(model, args, out, tokenizer, calibration)
+    _copy_side_files(checkpoint, out)
+    parity = compare(model, runners, batch)
+    fp32_error = max(parity["fp32"]["relative_error"].values()) if "fp32" in parity else None
+    report = {"checkpoint": str(args.checkpoint), "architecture": cls.__name__, "format": args.format,
+              "files": files, "fp32_bytes": fp32_bytes,
+              "size_ratio": round(fp32_bytes / files[FORMATS[args.format]], 2),  # fp32 size / this format's size
+              "parity": parity, "fp32_ok": fp32_error is None or fp32_error <= FP32_TOLERANCE,
+              "conditions": {"examples": int(batch["input_ids"].shape[0]),
+                             "sequence": int(batch["input_ids"].shape[-1]),
+                             "text": "random ids" if tokenizer is None else args.calibration_text or "builtin",
+                             "calibration_examples": n_cal, "held_out": len(pairs) > n_cal, "opset": args.opset,
+                             "threads": args.threads, "torch_threads": torch.get_num_threads()},
+              "versions": versions()}
+    atomic_write(out / "export.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    print(summary(report))
+    print(json.dumps({k: report[k] for k in ("format", "architecture", "files", "size_ratio", "fp32_ok")}))
+    if not report["fp32_ok"]:
+        print(f"mobilebert export: fp32 ONNX differs from eager by {fp32_error:.2e} relative error "
+              f"(more than {FP32_TOLERANCE:g}); details in {out / 'export.json'}")
+        return 1
+    return 0
+
+
+def export(model: nn.Module, args: argparse.Namespace, out: Path, tokenizer: Tokenizer | None,
+           calibration: list[Pair]) -> tuple[dict[str, int], int, dict[str, Runner]]:
+    """Write the format's files. Returns their sizes, the fp32 size, and a runner for each exported model."""
+    if args.format == "torch-int8":
+        quantized = quantize_torch_dynamic(model)
+        path = out / FORMATS["torch-int8"]
+        atomic_write(path, lambda p: torch.save(quantized.state_dict(), p))
+        return {path.name: file_size(path)}, state_dict_size(model), {"int8": lambda b: eager_outputs(quantized, b)}
+    fp32 = export_onnx(model, out / FORMATS["onnx"], opset=args.opset, max_seq_length=args.max_seq_length)
+    paths = {"fp32": fp32}
+    if args.format == "onnx-int8":
+        paths["int8"] = quantize_onnx_dynamic(fp32, out / FORMATS["onnx-int8"])
+    elif args.format == "onnx-int8-static":
+        batches = [_text_batch(model, tokenizer, calibration[i:i + CALIBRATION_BATCH], args.max_seq_length)
+                   for i in range(0, len(calibration), CALIBRATION_BATCH)]
+        paths["int8"] = quantize_onnx_static(fp32, out / FORMATS["onnx-int8-static"], batches,
+                                             method=args.calibration_method)
+    runners = {name: _onnx_runner(path, args.threads) for name, path in paths.items()}
+    return {p.name: file_size(p) for p in paths.values()}, file_size(fp32), runners
+
+
+def compare(model: nn.Module, runners: dict[str, Runner], batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Each exported model against eager `model` on `batch`: relative errors and argmax agreement per output."""
+    reference = eager_outputs(model, batch)
+    parity = {}
+    for name, run in runners.items():
+        candidate = run(batch)
+        parity[name] = {"relative_error": relative_errors(candidate, reference),
+                        "argmax_agreement": argmax_agreement(candidate, reference, batch["attention_mask"])}
+    return parity
+
+
+def _onnx_runner(path: Path, threads: int | None) -> Runner:
+    session = OnnxModel(path, threads)
+    return lambda batch: session(**batch)
+
+
+# ---- inputs ----
+
+def model_class(checkpoint: Path, task: str | None) -> type[nn.Module]:
+    """The class for `--task`, else the first of config.json's "architectures" we know, else the backbone."""
+    if task is not None:
+        return _class_by_name(TASKS[task])
+    read_config(checkpoint)  # a UserError that names the problem when config.json is missing or wrong
+    recorded = json.loads((checkpoint / CONFIG_NAME).read_text(encoding="utf-8")).get("architectures") or []
+    known = [name for name in recorded if name in TASK_MODELS or name == "MobileBertModel"]
+    return _class_by_name(known[0] if known else "MobileBertModel")
+
+
+def _class_by_name(name: str) -> type[nn.Module]:
+    return MobileBertModel if name == "MobileBertModel" else TASK_MODELS[name]
+
+
+def _tokenizer(checkpoint: Path) -> Tokenizer | None:
+    has_files = (checkpoint / "tokenizer.json").is_file() or (checkpoint / "vocab.txt").is_file()
+    return Tokenizer.from_pretrained(checkpoint) if has_files else None
+
+
+def text_pairs(path: str | None) -> list[Pair]:
+    """Examples of real text: lines of `path` (a tab separates a pair), or consecutive sentences of the built-in
+    corpus' validation documents."""
+    if path is None:
+        from mobilebert.data.corpus import load_corpus  # imported here: extracting the corpus takes seconds
+
+        return [(doc[i], doc[i + 1]) for doc in load_corpus("builtin", split="validation")
+                for i in range(0, len(doc) - 1, 2)]
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{file}: no such calibration text file")
+    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"{file}: the calibration text file has no text")
+    return [(first, second or None) for first, _, second in (line.partition("\t") for line in lines)]
+
+
+def evaluation_batch(model: nn.Module, tokenizer: Tokenizer | None, pairs: list[Pair],
+                     max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenized `pairs`, or (without a tokenizer) random ids with padding."""
+    if tokenizer is None or not pairs:
+        return example_batch(model, batch=8, length=max_length, seed=1)
+    return _text_batch(model, tokenizer, pairs, max_length)
+
+
+def _text_batch(model: nn.Module, tokenizer: Tokenizer, pairs: list[Pair], max_length: int
+                ) -> dict[str, torch.Tensor]:
+    max_length = min(max_length, model.config.max_position_embeddings)
+    if all(second is not None for _, second in pairs):
+        batch = tokenizer.encode_pairs([a for a, _ in pairs], [b for _, b in pairs], max_length=max_length)
+    else:
+        batch = tokenizer.encode_pairs([" ".join(filter(None, pair)) for pair in pairs], max_length=max_length)
+    if isinstance(model, TASK_MODELS["MobileBertForMultipleChoice"]):  # (B, T) -> (B/2, 2, T): pairs of choices
+        rows = batch["input_ids"].shape[0] // 2 * 2 or 1
+        batch = {k: v[:rows].view(-1, min(rows, 2), v.shape[-1]) for k, v in batch.items()}
+    return batch
+
+
+def _copy_side_files(checkpoint: Path, out: Path) -> None:
+    """config.json and the tokenizer's files: what inference next to the exported model needs."""
+    for name in (CONFIG_NAME, *TOKENIZER_FILES):
+        if (checkpoint / name).is_file() and checkpoint.resolve() != out.resolve():
+            shutil.copyfile(checkpoint / name, out / name)
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.format not in FORMATS:
+        raise UserError(f"unknown format {args.format!r}; choose one of: {', '.join(FORMATS)}")
+    if args.task is not None and args.task not in TASKS:
+        raise UserError(f"unknown task {args.task!r}; choose one of: {', '.join(TASKS)}")
+    if args.max_seq_length < 4:
+        raise UserError(f"--max-seq-length must be at least 4, got {args.max_seq_length}")
+    if args.calibration < 1:
+        raise UserError(f"--calibration must be a positive number of examples, got {args.calibration}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be positive, got {args.threads}")
+
+
+# ---- reporting ----
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    from mobilebert import __version__
+
+    return {"mobilebert": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A table of each exported model's size and agreement with eager, and the conditions they were measured in."""
+    rows = []
+    for name, result in report["parity"].items():
+        error = max(result["relative_error"].values())
+        agreement = result["argmax_agreement"]
+        rows.append([name, f"{error:.2e}", f"{min(agreement.values()):.3f}" if agreement else "-"])
+    sizes = ", ".join(f"{file} {size / 1e6:.2f} MB" for file, size in report["files"].items())
+    if report["format"] != "onnx":
+        sizes += f"; fp32 ({report['fp32_bytes'] / 1e6:.2f} MB) is {report['size_ratio']}x that"
+    c, v = report["conditions"], report["versions"]
+    calibrated = ""
+    if c["calibration_examples"]:
+        calibrated = (f" ({'held out from' if c['held_out'] else 'overlapping'} the {c['calibration_examples']} "
+                      "calibration examples)")
+    return "\n".join([
+        format_table(["model", "max relative error vs eager", "argmax agreement"], rows),
+        f"{report['architecture']} as {report['format']}: {sizes}",
+        f"measured against eager float32 PyTorch on {c['examples']} examples x {c['sequence']} tokens of "
+        f"{c['text']} text{calibrated}; onnxruntime threads {c['threads'] or 'default'}, torch threads "
+        f"{c['torch_threads']}; torch {v['torch']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}",
+    ])

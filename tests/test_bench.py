@@ -1,0 +1,46 @@
+"""`mobilebert bench` end to end on a tiny preset: every backend runs, matches eager, and the JSON line is complete."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from mobilebert.deploy.bench import DEFAULT_BACKENDS, random_inputs
+
+
+def test_bench_runs_every_default_backend_and_prints_json_last(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mobilebert", "bench", "--preset", "mobilebert-test",
+                             "--repetitions", "2", "--warmup", "1", "--seq", "16", "--batch", "2",
+                             "--plot", str(tmp_path / "bench.png")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    conditions = report["conditions"]
+    assert conditions["threads"] == 2 and conditions["batch"] == 2 and conditions["seq"] == 16
+    assert conditions["matmul_peak_gflops"] > 0 and "torch" in conditions and "cpu" in conditions
+    rows = {r["backend"]: r for r in report["results"]}
+    expected = set(DEFAULT_BACKENDS) - (set() if conditions["native_bf16"] else {"bf16"})
+    assert set(rows) == expected
+    for row in rows.values():
+        assert row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"] and row["sequences_per_s"] > 0
+        assert row["speedup_vs_hf-mobilebert"] > 0
+    for name in ("optimized", "onnx", "hf-mobilebert"):
+        assert rows[name]["relative_error"] < 1e-4, name
+    for name in ("onnx-int8", "torch-int8"):
+        assert rows[name]["relative_error"] < 0.5, name  # int8 of random tiny weights: close, not exact
+    assert rows["onnx-int8"]["size_mb"] < rows["onnx"]["size_mb"]
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_rejects_unknown_backends_and_too_long_sequences(tmp_path):
+    for args, message in ((["--backends", "gpu9000"], "unknown backend 'gpu9000'"),
+                          (["--preset", "mobilebert-test", "--seq", "4096"], "max_position_embeddings")):
+        result = subprocess.run([sys.executable, "-m", "mobilebert", "bench", *args], capture_output=True,
+                                text=True, cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr
+
+
+def test_random_inputs_have_a_realistic_mask():
+    inputs = random_inputs(100, batch=3, seq=16)
+    assert inputs["attention_mask"][0].all() and not inputs["attention_mask"][2].all()
+    assert inputs["input_ids"].min() >= 5

@@ -1,0 +1,184 @@
+"""optimize_for_inference: same outputs as eager for every variant and head, input untouched, fused structure."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from conftest import TINY, VARIANTS, padded_batch, randomize, relative_error
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mobilebert as mb
+from mobilebert.deploy.optimize import optimize_for_inference
+
+TOL = 1e-4  # the issue's bound, fp32
+HEADS = ["Model", "PreTraining", "MaskedLM", "NextSentencePrediction", "SequenceClassification", "MultipleChoice",
+         "TokenClassification", "QuestionAnswering"]
+OUTPUT_FIELDS = ("last_hidden_state", "pooler_output", "prediction_logits", "seq_relationship_logits", "logits",
+                 "start_logits", "end_logits")
+# Beyond the four architectures: the embedding's other paths.
+EXTRA_VARIANTS = {
+    "skip-padding": dict(trigram_skip_padding=True),
+    "no-trigram": dict(trigram_input=False, embedding_size=32),  # E == D: no projection at all
+    "no-trigram-projected": dict(trigram_input=False),
+}
+
+
+def build(head: str, cfg: mb.MobileBertConfig, seed: int = 0) -> torch.nn.Module:
+    cls = mb.MobileBertModel if head == "Model" else getattr(mb, f"MobileBertFor{head}")
+    return randomize(cls(cfg), seed=seed).eval()
+
+
+def inputs_for(head: str, **kwargs) -> dict:
+    batch = padded_batch(**kwargs)
+    if head == "MultipleChoice":  # one question with three choices: (1, C, T)
+        batch = {k: v.unsqueeze(0) for k, v in batch.items()}
+    return batch
+
+
+def assert_same_outputs(fast, eager, batch: dict, hidden_states: bool = True) -> None:
+    with torch.no_grad():
+        ref = eager(**batch, output_hidden_states=hidden_states)
+        out = fast(**batch, output_hidden_states=hidden_states)
+    assert type(out) is type(ref)
+    compared = 0
+    for name in OUTPUT_FIELDS:
+        expected = getattr(ref, name, None)
+        assert (getattr(out, name, None) is None) == (expected is None), name
+        if expected is not None:
+            assert getattr(out, name).shape == expected.shape, name
+            err = relative_error(getattr(out, name), expected)
+            assert err <= TOL, f"{name}: relative error {err:.2e}"
+            compared += 1
+    assert compared >= 1
+    if hidden_states:
+        assert len(out.hidden_states) == len(ref.hidden_states)
+        for i, (mine, theirs) in enumerate(zip(out.hidden_states, ref.hidden_states, strict=True)):
+            assert relative_error(mine, theirs) <= TOL, f"hidden state {i}"
+    assert getattr(out, "loss", None) is None
+
+
+@pytest.mark.parametrize("pooler", [False, True])
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_matches_eager_for_every_variant_and_head(variant, head, pooler):
+    cfg = mb.MobileBertConfig(**{**TINY, **VARIANTS[variant]}, classifier_activation=pooler)
+    eager = build(head, cfg)
+    assert_same_outputs(optimize_for_inference(eager), eager, inputs_for(head))
+
+
+@pytest.mark.parametrize("variant", list(EXTRA_VARIANTS))
+def test_matches_eager_on_every_embedding_path(variant):
+    eager = build("PreTraining", mb.MobileBertConfig(**{**TINY, **EXTRA_VARIANTS[variant]}))
+    assert_same_outputs(optimize_for_inference(eager), eager, inputs_for("PreTraining"))
+
+
+@pytest.mark.parametrize("variant", ["mobilebert", "mobilebert-tiny", "ib-bert", "no-trigram"])
+def test_matches_eager_without_mask_or_token_types_and_with_nothing_padded(variant):
+    eager = build("Model", mb.MobileBertConfig(**{**TINY, **{**VARIANTS, **EXTRA_VARIANTS}[variant]}))
+    fast = optimize_for_inference(eager)
+    ids = padded_batch()["input_ids"].clamp_min(1)
+    for _ in range(2):  # twice, batch 1 (where tables are used as views): a call must not change the next
+        assert_same_outputs(fast, eager, dict(input_ids=ids[:1]))
+    assert_same_outputs(fast, eager, dict(input_ids=ids))
+    assert_same_outputs(fast, eager, dict(input_ids=ids, attention_mask=torch.ones_like(ids)))
+    ids[0, :] = 0  # a row of padding only
+    assert_same_outputs(fast, eager, dict(input_ids=ids, attention_mask=(ids != 0).long()))
+
+
+def test_partial_depth_matches_eager():
+    eager = build("Model", mb.MobileBertConfig(**TINY))
+    fast, batch = optimize_for_inference(eager), padded_batch()
+    with torch.no_grad():
+        for n in (0, 2):
+            ref, out = eager(**batch, num_layers=n), fast(**batch, num_layers=n)
+            assert relative_error(out.last_hidden_state, ref.last_hidden_state) <= TOL
+
+
+@pytest.mark.parametrize("name", list(mb.PRESETS))
+def test_every_preset_matches_eager(name):
+    """Every preset's real widths (the teacher's 1024/4096 too), with 2 layers and a small vocabulary."""
+    eager = build("PreTraining", mb.preset(name, num_hidden_layers=2, vocab_size=99), seed=1)
+    with torch.no_grad():  # keep the wide presets' activations in range: matrices scaled by 1/sqrt(fan-in)
+        for p in eager.parameters():
+            if p.dim() == 2:
+                p.div_(p.shape[-1] ** 0.5)
+    assert_same_outputs(optimize_for_inference(eager), eager, padded_batch())
+
+
+def test_full_size_mobilebert_matches_eager_on_a_short_sequence():
+    cfg = mb.preset("mobilebert")
+    torch.manual_seed(0)
+    eager = mb.MobileBertModel(cfg).eval()
+    with torch.no_grad():  # norms away from identity, so folding them is exercised
+        for name, p in eager.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    fast = optimize_for_inference(eager)
+    ids = torch.randint(1, cfg.vocab_size, (1, 16))
+    mask = torch.ones_like(ids)
+    mask[0, 12:] = 0
+    assert_same_outputs(fast, eager, dict(input_ids=ids, attention_mask=mask), hidden_states=False)
+
+
+def test_input_model_is_left_untouched():
+    eager = build("PreTraining", mb.MobileBertConfig(**TINY))
+    before = {k: v.clone() for k, v in eager.state_dict().items()}
+    fast = optimize_for_inference(eager)
+    with torch.no_grad():
+        fast(**padded_batch())
+        for tensor in fast.state_dict().values():  # no storage is shared with the input either
+            tensor.add_(1)
+    after = eager.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert eager.training is False and all(p.requires_grad for p in eager.parameters())
+    assert not any(p.requires_grad for p in fast.parameters()) and not fast.training
+
+
+def test_dropout_is_off_even_for_a_model_in_training_mode():
+    eager = build("SequenceClassification", mb.MobileBertConfig(**TINY, hidden_dropout_prob=0.5))
+    fast = optimize_for_inference(eager.train())
+    assert eager.training  # left as it was
+    assert_same_outputs(fast, eager.eval(), padded_batch())
+
+
+def test_labels_and_attention_maps_are_refused_with_clear_errors():
+    fast = optimize_for_inference(build("SequenceClassification", mb.MobileBertConfig(**TINY)))
+    batch = padded_batch()
+    with pytest.raises(mb.UserError, match="inference only.*labels"):
+        fast(**batch, labels=torch.tensor([0, 1, 0]))
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        fast(**batch, output_attentions=True)
+    with pytest.raises(mb.UserError, match="optimize_for_inference takes"):
+        optimize_for_inference(torch.nn.Linear(2, 2))
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", ["mobilebert", "mobilebert-tiny"])
+def test_fused_structure_of_a_nonorm_model(variant):
+    """Per block: one matmul reads the block input, one makes Q and K (TINY: Q, K, V), SDPA, one matmul-add for the
+    attention output, and per FFN and for the output two matmuls or one matmul and one fused multiply-add.
+    NoNorm leaves no separate multiply or add behind; the padding mask is built once per forward."""
+    cfg = mb.MobileBertConfig(**{**TINY, **VARIANTS[variant]})
+    fast = optimize_for_inference(build("Model", cfg))
+    L, F_ = cfg.num_hidden_layers, cfg.num_feedforward_networks
+    with torch.no_grad(), CountOps() as ops:
+        fast(**padded_batch())
+    counts = ops.counts
+    assert counts["addmm"] == 1 + L * (3 + 2 * F_ + 1)  # embedding projection, then per block
+    assert sum(n for name, n in counts.items() if "scaled_dot_product" in name) == L
+    tiny = variant == "mobilebert-tiny"  # there the bottleneck feeds Q, K, V too, so its residual needs a scale
+    assert counts["addcmul_"] == L * (F_ + 1 + tiny)
+    assert counts["masked_fill_"] == 1
+    assert not {"mul", "mul_", "layer_norm", "native_layer_norm", "cat", "dropout"} & set(counts)
