@@ -33,7 +33,7 @@ class Family:
 GLUE_FAMILY = Family(lr=5e-5, batch_size=32, epochs=3, max_seq_length=128)
 SQUAD_FAMILY = Family(lr=4e-5, batch_size=32, epochs=5, max_seq_length=384)
 # The built-in tasks are small and meant for the demo-size models (128 positions): a higher rate, short windows.
-BUILTIN_FAMILY = Family(lr=1e-4, batch_size=32, epochs=3, max_seq_length=128, doc_stride=64)
+BUILTIN_FAMILY = Family(lr=5e-4, batch_size=32, epochs=3, max_seq_length=128, doc_stride=64)
 
 
 @dataclass(frozen=True)

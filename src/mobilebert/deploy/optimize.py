@@ -210,7 +210,8 @@ class FusedBlock(nn.Module):
         else:  # IB-BERT: Q, K, V all from h, so all in the first matmul
             pieces += [_params(block.query), _params(block.key), _params(block.value)]
             attention_in = []
-        self.split = [w.shape[0] for w, _ in pieces]
+        widths = [w.shape[0] for w, _ in pieces]
+        self.split = widths if self.shared else [I, sum(widths) - I]  # x, then s and v, or q, k and v together
         self.register_buffer("in_t", torch.cat([w for w, _ in pieces]).t().contiguous())  # (D, sum of widths)
         self.register_buffer("in_bias", torch.cat([b for _, b in pieces]))
         if attention_in:
@@ -220,23 +221,28 @@ class FusedBlock(nn.Module):
         self.ffns = nn.ModuleList([FusedFeedForward(ffn) for ffn in block.ffns])
         self.output = Residual.of(block.output_bottleneck, block.output_norm)
 
-    def attention_inputs(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(residual x, q, k, v), each (N, I), from the block input h (N, D)."""
-        parts = torch.addmm(self.in_bias, h, self.in_t).split(self.split, dim=1)
-        x = parts[0] if self.input_norm is None else self.input_norm(parts[0])
+    def split_heads(self, t: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, ...]:
+        """(N, n*I) -> n views (B, H, T, I/H): no copies."""
+        return t.view(B, T, -1, self.heads, self.width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def attention_inputs(self, h: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, ...]:
+        """The residual x (N, I), then q, k, v (B, H, T, I/H), from the block input h (N, D)."""
+        x, *rest = torch.addmm(self.in_bias, h, self.in_t).split(self.split, dim=1)
+        if self.input_norm is not None:
+            x = self.input_norm(x)
         if self.shared:
-            s = parts[1] if self.qk_norm is None else self.qk_norm(parts[1])
-            return x, *torch.addmm(self.qkv_bias, s, self.qkv_t).chunk(2, dim=1), parts[2]
+            s, v = rest
+            if self.qk_norm is not None:
+                s = self.qk_norm(s)
+            return x, *self.split_heads(torch.addmm(self.qkv_bias, s, self.qkv_t), B, T), *self.split_heads(v, B, T)
         if self.bottleneck_attention:
-            return x, *torch.addmm(self.qkv_bias, x, self.qkv_t).chunk(3, dim=1)
-        return x, *parts[1:]
+            return x, *self.split_heads(torch.addmm(self.qkv_bias, x, self.qkv_t), B, T)
+        return x, *self.split_heads(rest[0], B, T)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor:
-        x, q, k, v = self.attention_inputs(h)
-        H, I = self.heads, self.width
-        q, k, v = (t.view(B, T, H, I // H).transpose(1, 2) for t in (q, k, v))  # (B, H, T, I/H), no copies
+        x, q, k, v = self.attention_inputs(h, B, T)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
-        a = self.attention_output(context.transpose(1, 2).reshape(B * T, I), x)  # (N, I)
+        a = self.attention_output(context.transpose(1, 2).reshape(B * T, self.width), x)  # (N, I)
         for ffn in self.ffns:
             a = ffn(a)
         return self.output(a, h)  # (N, D)

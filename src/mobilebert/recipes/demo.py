@@ -31,7 +31,7 @@ class DemoPlan:
     layerwise_steps: int = 600  # PKT: split over the 6 layers
     pd_steps: int = 300
     max_seq_length: int = 64
-    task_train: int = 1000
+    task_train: int = 2000
     task_dev: int = 400
     epochs: float = 2.0
     bench_preset: str = "mobilebert"
