@@ -135,8 +135,8 @@ class FusedEmbeddings(nn.Module):
         else:
             self.register_buffer("scale", None)
         if self.trigram:  # eager's column blocks are [after, x, before]; the gather below yields [before, x, after]
-            after, x, before = w.chunk(3, dim=1)
-            w = torch.cat([before, x, after], dim=1)
+            after, center, before = w.chunk(3, dim=1)
+            w = torch.cat([before, center, after], dim=1)
         self.register_buffer("weight_t", w.t().contiguous())  # (3E, D)
         self.register_buffer("position", position)  # (P, D): includes the projection bias (and NoNorm)
         self.register_buffer("token_type", token_type.clone())  # (types, D)
@@ -163,17 +163,34 @@ class FusedEmbeddings(nn.Module):
         return h if self.norm is None else self.norm(h)  # (N, D)
 
 
-class FusedFeedForward(nn.Module):
-    def __init__(self, ffn: nn.Module) -> None:
+class FusedFeedForwards(nn.Module):
+    """A block's F stacked FFNs, `a = Norm(W2 act(W1 a + b1) + b2 + a)` each, weights stacked along a first axis.
+
+    One module for all F keeps Python out of the way: per FFN two matmuls, the activation and (NoNorm) one fused
+    multiply-add for the scaled residual, or (LayerNorm) an add and the norm.
+    """
+
+    def __init__(self, ffns: nn.ModuleList) -> None:
         super().__init__()
-        w, b = _params(ffn.up)
-        self.register_buffer("up_t", w.t().contiguous())
-        self.register_buffer("up_bias", b)
-        self.act = _act_inplace(ffn.act)
-        self.down = Residual.of(ffn.down, ffn.norm)
+        folded = [_fold(ffn.down, ffn.norm) for ffn in ffns]
+        self.register_buffer("up_t", torch.stack([ffn.up.weight.detach().t() for ffn in ffns]))  # (F, I, F_w)
+        self.register_buffer("up_bias", torch.stack([ffn.up.bias.detach() for ffn in ffns]))  # (F, F_w)
+        self.register_buffer("down_t", torch.stack([w.t() for w, _ in folded]))  # (F, F_w, I)
+        self.register_buffer("down_bias", torch.stack([b for _, b in folded]))  # (F, I)
+        nonorm = isinstance(ffns[0].norm, NoNorm)
+        self.register_buffer("gamma", torch.stack([ffn.norm.weight.detach() for ffn in ffns]) if nonorm else None)
+        self.norms = None if nonorm else nn.ModuleList([_layer_norm(ffn.norm) for ffn in ffns])  # eager's eps each
+        self.act = _act_inplace(ffns[0].act)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(torch.addmm(self.up_bias, a, self.up_t)), a)
+        act, weights = self.act, (self.up_t, self.up_bias, self.down_t, self.down_bias)
+        if self.norms is None:
+            for up_t, up_b, down_t, down_b, gamma in zip(*weights, self.gamma, strict=True):
+                a = torch.addmm(down_b, act(torch.addmm(up_b, a, up_t)), down_t).addcmul_(a, gamma)
+        else:
+            for up_t, up_b, down_t, down_b, norm in zip(*weights, self.norms, strict=True):
+                a = norm(torch.addmm(down_b, act(torch.addmm(up_b, a, up_t)), down_t).add_(a))
+        return a
 
 
 class FusedBlock(nn.Module):
@@ -218,7 +235,7 @@ class FusedBlock(nn.Module):
             self.register_buffer("qkv_t", torch.cat([m.weight.detach() for m in attention_in]).t().contiguous())
             self.register_buffer("qkv_bias", torch.cat([m.bias.detach() for m in attention_in]))
         self.width = I
-        self.ffns = nn.ModuleList([FusedFeedForward(ffn) for ffn in block.ffns])
+        self.ffns = FusedFeedForwards(block.ffns)
         self.output = Residual.of(block.output_bottleneck, block.output_norm)
 
     def split_heads(self, t: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, ...]:
@@ -243,9 +260,7 @@ class FusedBlock(nn.Module):
         x, q, k, v = self.attention_inputs(h, B, T)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
         a = self.attention_output(context.transpose(1, 2).reshape(B * T, self.width), x)  # (N, I)
-        for ffn in self.ffns:
-            a = ffn(a)
-        return self.output(a, h)  # (N, D)
+        return self.output(self.ffns(a), h)  # (N, D)
 
 
 class FusedMobileBert(nn.Module):
