@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import pytest
@@ -182,3 +183,17 @@ def test_fused_structure_of_a_nonorm_model(variant):
     assert counts["addcmul_"] == L * (F_ + 1 + tiny)
     assert counts["masked_fill_"] == 1
     assert not {"mul", "mul_", "layer_norm", "native_layer_norm", "cat", "dropout"} & set(counts)
+
+
+def test_dtype_conversion_after_optimizing_keeps_outputs_right():
+    """.double() replaces every tensor; the fused blocks' cached references must follow (stale ones would mix dtypes).
+    The folded weights carry fp32 rounding, hence fp32's tolerance."""
+    eager = build("Model", mb.MobileBertConfig(**TINY))
+    fast = optimize_for_inference(eager)
+    batch = padded_batch()
+    with torch.no_grad():
+        fast(**batch)  # fills the caches in fp32
+        ref = eager.double()(**batch).last_hidden_state
+        out = fast.double()(**batch).last_hidden_state
+        assert out.dtype == torch.float64 and relative_error(out, ref) <= TOL
+        assert relative_error(copy.deepcopy(fast)(**batch).last_hidden_state, ref) <= TOL

@@ -103,7 +103,8 @@ def _optimized(model, weights, workdir, threads) -> Backend:
 def _compiled(model, weights, workdir, threads) -> Backend:
     from mobilebert.deploy.optimize import optimize_for_inference
 
-    fast = torch.compile(optimize_for_inference(model), dynamic=True)
+    # Only these two options beat the optimized module on CPU (measured: plain compile gained ~nothing).
+    fast = torch.compile(optimize_for_inference(model), options={"cpp_wrapper": True, "freezing": True})
     return Backend("compiled", lambda b: _hidden(fast(**b)), _size(weights / "model.safetensors"))
 
 

@@ -22,6 +22,8 @@ Axes: B batch, T tokens, N = B*T, H heads, D hidden_size, I intra_bottleneck_siz
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,37 +81,31 @@ def _act_inplace(act: nn.Module):
     return copy.deepcopy(act)
 
 
-class Residual(nn.Module):
-    """`Norm(W x + b + r)`, the step every sub-layer of a block ends with, in as few ops as the norm allows.
+Sublayer = tuple  # (weight_t, bias, scale, norm): the arguments `residual` takes after x and r
 
-    NoNorm (`scale` = gamma): `addmm(b', x, W') + r*gamma`, an addmm and one fused multiply-add.
-    LayerNorm: `LN(addmm(b, x, W) + r)`.
-    Pre-folded (`bias` None): the producer of `r` already added b (and gamma*r + beta), so `addmm(r, x, W)`.
+
+def residual(x: torch.Tensor, r: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
+             scale: torch.Tensor | None, norm: nn.Module | None) -> torch.Tensor:
+    """`Norm(x W + b + r)`, the step every sub-layer of a block ends with, in as few ops as its norm allows.
+
+    NoNorm (`scale` = gamma, also folded into W and b): `addmm(b', x, W') + r*gamma`, a matmul-add and one fused
+    multiply-add. LayerNorm (`norm`): `LN(addmm(b, x, W) + r)`. Pre-folded (`bias` None): whoever made r already
+    added the bias (and NoNorm's gamma and beta), so one `addmm(r, x, W')`.
     """
+    if bias is None:
+        y = torch.addmm(r, x, weight_t)
+    elif scale is not None:
+        return torch.addmm(bias, x, weight_t).addcmul_(r, scale)
+    else:
+        y = torch.addmm(bias, x, weight_t).add_(r)
+    return y if norm is None else norm(y)
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
-                 norm: nn.LayerNorm | None) -> None:
-        super().__init__()
-        self.register_buffer("weight_t", weight.t().contiguous())  # (in, out): x @ weight_t
-        self.register_buffer("bias", bias)
-        self.register_buffer("scale", scale)
-        self.norm = norm
 
-    @classmethod
-    def of(cls, linear: nn.Linear, norm: nn.Module) -> Residual:
-        if isinstance(norm, NoNorm):
-            w, b = _fold(linear, norm)
-            return cls(w, b, norm.weight.detach().clone(), None)
-        return cls(*_params(linear), None, _layer_norm(norm))
-
-    def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
-            y = torch.addmm(r, x, self.weight_t)
-        elif self.scale is not None:
-            y = torch.addmm(self.bias, x, self.weight_t).addcmul_(r, self.scale)
-        else:
-            y = torch.addmm(self.bias, x, self.weight_t).add_(r)
-        return y if self.norm is None else self.norm(y)
+def _sublayer(linear: nn.Linear, norm: nn.Module) -> Sublayer:
+    """`residual`'s (W, b, scale, norm) for eager's `norm(linear(x) + r)`; W not yet transposed."""
+    if isinstance(norm, NoNorm):
+        return (*_fold(linear, norm), norm.weight.detach().clone(), None)
+    return (*_params(linear), None, _layer_norm(norm))
 
 
 class FusedEmbeddings(nn.Module):
@@ -163,104 +159,131 @@ class FusedEmbeddings(nn.Module):
         return h if self.norm is None else self.norm(h)  # (N, D)
 
 
-class FusedFeedForwards(nn.Module):
-    """A block's F stacked FFNs, `a = Norm(W2 act(W1 a + b1) + b2 + a)` each, weights stacked along a first axis.
+class BlockWeights(NamedTuple):
+    """Plain references to a block's tensors and norms (see `FusedBlock.weights`)."""
 
-    One module for all F keeps Python out of the way: per FFN two matmuls, the activation and (NoNorm) one fused
-    multiply-add for the scaled residual, or (LayerNorm) an add and the norm.
-    """
-
-    def __init__(self, ffns: nn.ModuleList) -> None:
-        super().__init__()
-        folded = [_fold(ffn.down, ffn.norm) for ffn in ffns]
-        self.register_buffer("up_t", torch.stack([ffn.up.weight.detach().t() for ffn in ffns]))  # (F, I, F_w)
-        self.register_buffer("up_bias", torch.stack([ffn.up.bias.detach() for ffn in ffns]))  # (F, F_w)
-        self.register_buffer("down_t", torch.stack([w.t() for w, _ in folded]))  # (F, F_w, I)
-        self.register_buffer("down_bias", torch.stack([b for _, b in folded]))  # (F, I)
-        nonorm = isinstance(ffns[0].norm, NoNorm)
-        self.register_buffer("gamma", torch.stack([ffn.norm.weight.detach() for ffn in ffns]) if nonorm else None)
-        self.norms = None if nonorm else nn.ModuleList([_layer_norm(ffn.norm) for ffn in ffns])  # eager's eps each
-        self.act = _act_inplace(ffns[0].act)
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        act, weights = self.act, (self.up_t, self.up_bias, self.down_t, self.down_bias)
-        if self.norms is None:
-            for up_t, up_b, down_t, down_b, gamma in zip(*weights, self.gamma, strict=True):
-                a = torch.addmm(down_b, act(torch.addmm(up_b, a, up_t)), down_t).addcmul_(a, gamma)
-        else:
-            for up_t, up_b, down_t, down_b, norm in zip(*weights, self.norms, strict=True):
-                a = norm(torch.addmm(down_b, act(torch.addmm(up_b, a, up_t)), down_t).add_(a))
-        return a
+    in_t: torch.Tensor
+    in_bias: torch.Tensor
+    input_norm: nn.Module | None
+    qk_norm: nn.Module | None
+    qkv_t: torch.Tensor | None
+    qkv_bias: torch.Tensor | None
+    attention: Sublayer
+    ffns: tuple[tuple, ...]  # per FFN: (up_t, up_bias, *Sublayer of the down projection)
+    act: Callable[[torch.Tensor], torch.Tensor]
+    output: Sublayer
 
 
 class FusedBlock(nn.Module):
-    """A bottleneck block: one matmul reads the block input, one more makes Q and K (or Q, K, V), then SDPA."""
+    """A bottleneck block: one matmul reads the block input, one more makes Q and K (or Q, K, V), then SDPA, then
+    per sub-layer one matmul and at most one fused multiply-add (NoNorm) or an add and the LayerNorm."""
 
     def __init__(self, block: Block) -> None:
         super().__init__()
-        self.heads = block.heads
+        self.heads, self.width = block.heads, block.attention_output.out_features
         self.bottleneck_attention, self.shared = block.bottleneck_attention, block.shared_bottleneck
-        I = block.attention_output.out_features
-        nonorm = isinstance(block.attention_norm, NoNorm)
-        x_w, x_b = _fold(block.input_bottleneck, block.input_norm)
-        wo, bo = _params(block.attention_output)
-        if self.bottleneck_attention:  # TINY: x feeds Q, K, V and is the residual
-            pieces = [(x_w, x_b)]
-            self.input_norm = _layer_norm(block.input_norm)
-            self.attention_output = Residual.of(block.attention_output, block.attention_norm)
-        else:  # x is only the attention residual: fold the output bias (and NoNorm) into x's rows
-            if nonorm:
-                gamma, beta = block.attention_norm.weight.detach(), block.attention_norm.bias.detach()
-                pieces = [(x_w * gamma[:, None], (x_b + bo) * gamma + beta)]
-                self.attention_output = Residual(wo * gamma[:, None], None, None, None)
-            else:
-                pieces = [(x_w, x_b)]
-                self.attention_output = Residual(wo, None, None, _layer_norm(block.attention_norm))
-            self.input_norm = _layer_norm(block.input_norm, extra_bias=None if nonorm else bo)
-        self.qk_norm = None
-        if self.shared:  # MobileBERT: s = Norm(W h) feeds Q and K; V from h
-            pieces += [_fold(block.qk_bottleneck, block.qk_norm), _params(block.value)]
-            self.qk_norm = _layer_norm(block.qk_norm)
-            attention_in = [block.query, block.key]
-        elif self.bottleneck_attention:
-            attention_in = [block.query, block.key, block.value]
-        else:  # IB-BERT: Q, K, V all from h, so all in the first matmul
-            pieces += [_params(block.query), _params(block.key), _params(block.value)]
-            attention_in = []
+        pieces, attention_in, attention = self._attention_weights(block)
         widths = [w.shape[0] for w, _ in pieces]
-        self.split = widths if self.shared else [I, sum(widths) - I]  # x, then s and v, or q, k and v together
+        self.split = widths if self.shared else [self.width, sum(widths) - self.width]  # x, then the rest
         self.register_buffer("in_t", torch.cat([w for w, _ in pieces]).t().contiguous())  # (D, sum of widths)
         self.register_buffer("in_bias", torch.cat([b for _, b in pieces]))
-        if attention_in:
-            self.register_buffer("qkv_t", torch.cat([m.weight.detach() for m in attention_in]).t().contiguous())
-            self.register_buffer("qkv_bias", torch.cat([m.bias.detach() for m in attention_in]))
-        self.width = I
-        self.ffns = FusedFeedForwards(block.ffns)
-        self.output = Residual.of(block.output_bottleneck, block.output_norm)
+        qkv = [(m.weight.detach(), m.bias.detach()) for m in attention_in]
+        self.register_buffer("qkv_t", torch.cat([w for w, _ in qkv]).t().contiguous() if qkv else None)
+        self.register_buffer("qkv_bias", torch.cat([b for _, b in qkv]) if qkv else None)
+        self._register_sublayer("attention", attention)
+        ffns = [_sublayer(ffn.down, ffn.norm) for ffn in block.ffns]  # stacked along a first axis F below
+        self.register_buffer("ffn_up_t", torch.stack([ffn.up.weight.detach().t() for ffn in block.ffns]))
+        self.register_buffer("ffn_up_bias", torch.stack([ffn.up.bias.detach() for ffn in block.ffns]))
+        self.register_buffer("ffn_down_t", torch.stack([w.t() for w, *_ in ffns]))
+        self.register_buffer("ffn_down_bias", torch.stack([b for _, b, *_ in ffns]))
+        scales = [scale for _, _, scale, _ in ffns]
+        self.register_buffer("ffn_scale", None if scales[0] is None else torch.stack(scales))
+        norms = [norm for *_, norm in ffns]
+        self.ffn_norms = None if norms[0] is None else nn.ModuleList(norms)  # each with eager's eps
+        self.act = _act_inplace(block.ffns[0].act)
+        self._register_sublayer("output", _sublayer(block.output_bottleneck, block.output_norm))
+        self._weights: BlockWeights | None = None
+
+    def _attention_weights(self, block: Block) -> tuple[list, list[nn.Linear], Sublayer]:
+        """(W, b) pieces of the first matmul, the Linears of the second, and the attention output's sub-layer;
+        sets the LayerNorms that stay (NoNorm is folded)."""
+        x_w, x_b = _fold(block.input_bottleneck, block.input_norm)
+        self.qk_norm = None
+        if self.bottleneck_attention:  # TINY: x feeds Q, K, V and is the residual
+            self.input_norm = _layer_norm(block.input_norm)
+            second = [block.query, block.key, block.value]
+            return [(x_w, x_b)], second, _sublayer(block.attention_output, block.attention_norm)
+        # x is only the attention residual: fold the output bias (and NoNorm's gamma, beta) into x's rows
+        wo, bo = _params(block.attention_output)
+        if isinstance(block.attention_norm, NoNorm):
+            gamma, beta = block.attention_norm.weight.detach(), block.attention_norm.bias.detach()
+            pieces = [(x_w * gamma[:, None], (x_b + bo) * gamma + beta)]
+            attention = (wo * gamma[:, None], None, None, None)
+            self.input_norm = None
+        else:
+            pieces, attention = [(x_w, x_b)], (wo, None, None, _layer_norm(block.attention_norm))
+            self.input_norm = _layer_norm(block.input_norm, extra_bias=bo)
+        if self.shared:  # MobileBERT: s = Norm(W h) feeds Q and K; V from h
+            self.qk_norm = _layer_norm(block.qk_norm)
+            pieces += [_fold(block.qk_bottleneck, block.qk_norm), _params(block.value)]
+            return pieces, [block.query, block.key], attention
+        pieces += [_params(block.query), _params(block.key), _params(block.value)]  # IB-BERT: Q, K, V all from h
+        return pieces, [], attention
+
+    def _register_sublayer(self, name: str, sublayer: Sublayer) -> None:
+        weight, bias, scale, norm = sublayer
+        self.register_buffer(f"{name}_t", weight.t().contiguous())  # (in, out): x @ W.T as x @ this
+        self.register_buffer(f"{name}_bias", bias)
+        self.register_buffer(f"{name}_scale", scale)
+        setattr(self, f"{name}_norm", norm)
+
+    def weights(self) -> BlockWeights:
+        """The tensors as plain references, gathered once: nn.Module's attribute lookup costs about a microsecond
+        per name, and at batch 1 those add up to a tenth of the forward. `_apply` (.to(), .half(), ...) replaces
+        tensors and so drops this cache; load_state_dict copies in place and keeps it valid."""
+        if self._weights is None:
+            F_ = len(self.ffn_up_t)
+            scales = [None] * F_ if self.ffn_scale is None else self.ffn_scale.unbind(0)
+            norms = [None] * F_ if self.ffn_norms is None else list(self.ffn_norms)
+            ffns = tuple(zip(self.ffn_up_t.unbind(0), self.ffn_up_bias.unbind(0), self.ffn_down_t.unbind(0),
+                             self.ffn_down_bias.unbind(0), scales, norms, strict=True))
+            self._weights = BlockWeights(
+                self.in_t, self.in_bias, self.input_norm, self.qk_norm, self.qkv_t, self.qkv_bias,
+                (self.attention_t, self.attention_bias, self.attention_scale, self.attention_norm), ffns, self.act,
+                (self.output_t, self.output_bias, self.output_scale, self.output_norm))
+        return self._weights
+
+    def _apply(self, fn, recurse=True):
+        self._weights = None
+        return super()._apply(fn, recurse)
 
     def split_heads(self, t: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, ...]:
         """(N, n*I) -> n views (B, H, T, I/H): no copies."""
         return t.view(B, T, -1, self.heads, self.width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def attention_inputs(self, h: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, ...]:
+    def attention_inputs(self, h: torch.Tensor, w: BlockWeights, B: int, T: int) -> tuple[torch.Tensor, ...]:
         """The residual x (N, I), then q, k, v (B, H, T, I/H), from the block input h (N, D)."""
-        x, *rest = torch.addmm(self.in_bias, h, self.in_t).split(self.split, dim=1)
-        if self.input_norm is not None:
-            x = self.input_norm(x)
+        x, *rest = torch.addmm(w.in_bias, h, w.in_t).split_with_sizes(self.split, dim=1)
+        if w.input_norm is not None:
+            x = w.input_norm(x)
         if self.shared:
             s, v = rest
-            if self.qk_norm is not None:
-                s = self.qk_norm(s)
-            return x, *self.split_heads(torch.addmm(self.qkv_bias, s, self.qkv_t), B, T), *self.split_heads(v, B, T)
+            if w.qk_norm is not None:
+                s = w.qk_norm(s)
+            q, k = self.split_heads(torch.addmm(w.qkv_bias, s, w.qkv_t), B, T)
+            return x, q, k, v.view(B, T, self.heads, -1).transpose(1, 2)
         if self.bottleneck_attention:
-            return x, *self.split_heads(torch.addmm(self.qkv_bias, x, self.qkv_t), B, T)
+            return x, *self.split_heads(torch.addmm(w.qkv_bias, x, w.qkv_t), B, T)
         return x, *self.split_heads(rest[0], B, T)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor:
-        x, q, k, v = self.attention_inputs(h, B, T)
+        w = self.weights()
+        x, q, k, v = self.attention_inputs(h, w, B, T)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
-        a = self.attention_output(context.transpose(1, 2).reshape(B * T, self.width), x)  # (N, I)
-        return self.output(self.ffns(a), h)  # (N, D)
+        a = residual(context.transpose(1, 2).reshape(B * T, self.width), x, *w.attention)  # (N, I)
+        for up_t, up_bias, *down in w.ffns:
+            a = residual(w.act(torch.addmm(up_bias, a, up_t)), a, *down)
+        return residual(a, h, *w.output)  # (N, D)
 
 
 class FusedMobileBert(nn.Module):
