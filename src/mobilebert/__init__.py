@@ -1,6 +1,7 @@
 """mobilebert: MobileBERT (Sun et al., ACL 2020) end to end in PyTorch."""
 
 from mobilebert.config import PRESETS, MobileBertConfig, preset
+from mobilebert.deploy.optimize import optimize_for_inference
 from mobilebert.errors import UserError
 from mobilebert.heads import (
     MobileBertForMaskedLM,
@@ -30,5 +31,6 @@ __all__ = [
     "UserError",
     "count_flops",
     "count_parameters",
+    "optimize_for_inference",
     "preset",
 ]

@@ -37,7 +37,8 @@ class Backend:
     name: str
     run: Callable[[dict[str, torch.Tensor]], torch.Tensor]  # inputs -> last hidden state (float32)
     size_bytes: int | None = None  # the model's file on disk
-    flops: int | None = None  # per sequence, when it runs our architecture
+    flops: int | None = None  # per sequence
+    config: Any = None  # a reference's own config, when it is not our architecture
     error: float | None = None  # relative error of its output against eager
     times: list[float] = field(default_factory=list)
 
@@ -84,7 +85,7 @@ def build_backends(model: MobileBertModel, names: list[str], threads: int, workd
         except (ImportError, RuntimeError, NotImplementedError, UserError) as e:
             print(f"skipping {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
-        backend.flops = backend.flops if name == "hf-bert-base" else flops
+        backend.flops = bert_flops(backend.config, example["input_ids"].shape[1]) if name == "hf-bert-base" else flops
         backends.append(backend)
     return backends
 
@@ -158,9 +159,13 @@ def _hf_bert_base(model, weights, workdir, threads) -> Backend:
     bert = transformers.BertModel(cfg).eval()
     path = workdir / "bert-base"
     bert.save_pretrained(path)
-    T, D, Fw, L = 128, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    flops = 2 * L * (T * (4 * D * D + 2 * D * Fw) + 2 * T * T * D)
-    return Backend("hf-bert-base", lambda b: _hidden(bert(**b)), _size(path / "model.safetensors"), flops)
+    return Backend("hf-bert-base", lambda b: _hidden(bert(**b)), _size(path / "model.safetensors"), config=cfg)
+
+
+def bert_flops(cfg: Any, seq: int) -> int:
+    """BERT's encoder FLOPs for one sequence: Q, K, V, output and FFN projections, scores and context."""
+    T, D, Fw, L = seq, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    return 2 * L * (T * (4 * D * D + 2 * D * Fw) + 2 * T * T * D)
 
 
 _BUILDERS: dict[str, Callable[..., Backend]] = {

@@ -140,7 +140,7 @@ def finetune_stage(plan: DemoPlan, out: Path, model: str) -> Callable[[Path], di
         for task in BUILTIN_TASKS:
             _run(main, folder / task, None, [
                 "--task.data_dir", str(tasks / task), "--search.epochs", f"[{plan.epochs}]",
-                "--train.tensorboard", "false", "--task.max_seq_length", "128"],
+                "--train.tensorboard", "false"],
                  checkpoint=str(out / model / "final"), task=task)
             summary = json.loads((folder / task / "results.json").read_text())
             results[task] = {"metrics": summary["best"]["metrics"], "baseline": summary["baseline"],

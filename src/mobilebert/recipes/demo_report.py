@@ -13,6 +13,7 @@ import platform
 import re
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ def deploy_stage(plan, out: Path) -> Callable[[Path], dict]:
         results = {}
         for name in BUILTIN_TASKS:
             model_dir = out / "finetune-student" / name / "final"
-            task, settings = get_task(name), TaskSettings(max_seq_length=128)
+            task, settings = get_task(name), TaskSettings()
             model = load_model(task, str(model_dir))
             fp32 = export_onnx(model, folder / name / "model.onnx")
             int8 = quantize_onnx_dynamic(fp32, folder / name / "model-int8.onnx")
@@ -68,7 +69,7 @@ class _OnnxAdapter:
 
     def __call__(self, input_ids, attention_mask, token_type_ids):
         outputs = self.session(input_ids, attention_mask, token_type_ids)
-        return type("Output", (), {k: torch.as_tensor(v) for k, v in outputs.items()})
+        return SimpleNamespace(**{k: torch.as_tensor(v) for k, v in outputs.items()})
 
 
 def bench_stage(plan, out: Path) -> Callable[[Path], dict]:

@@ -173,11 +173,10 @@ def dev_scores(model: torch.nn.Module, dev: list[TaskData], tokenizer: Tokenizer
 
 
 def main(args: argparse.Namespace) -> int:
-    options = load_config(FinetuneOptions, args.config, args.overrides)
-    for name in ("checkpoint", "task"):
-        if getattr(args, name, None):
-            setattr(options.model if name == "checkpoint" else options.task,
-                    "checkpoint" if name == "checkpoint" else "name", getattr(args, name))
+    shorthand = [(key, getattr(args, name, None)) for name, key in (("checkpoint", "model.checkpoint"),
+                                                                   ("task", "task.name"))]
+    options = load_config(FinetuneOptions, args.config,
+                          args.overrides + [a for key, value in shorthand if value for a in (f"--{key}", value)])
     if not options.model.checkpoint:
         raise UserError("no model: pass --checkpoint DIR (or a hub id such as google/mobilebert-uncased)")
     _check_train_section(options.train)
@@ -226,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
         summary = summarise(task, results, constant_baseline(train, dev[0]))
         best_dir = out / "trials" / summary["best"]["name"] / "final"
         _publish(best_dir, out / "final")
-        summary["test_predictions"] = _predict_test(task, options, best_dir, tokenizer, out)
+        summary["test_predictions"] = _predict_test(task, options, best_dir, tokenizer, dev[0], out)
         _write_results(out, summary)
         print(summary["table"])
         print(f"best: {summary['best']['name']} ({task.metrics[0]} {summary['best']['metrics'][task.metrics[0]]:.4g})"
@@ -264,13 +263,12 @@ def _publish(best_dir: Path, final: Path) -> None:
     tmp.replace(final)
 
 
-def _predict_test(task: Task, options: FinetuneOptions, model_dir: Path, tokenizer: Tokenizer, out: Path) -> list:
+def _predict_test(task: Task, options: FinetuneOptions, model_dir: Path, tokenizer: Tokenizer, dev: TaskData,
+                  out: Path) -> list:
     """Leaderboard files of the best model for every test split that has data; dev answers for SQuAD."""
     settings, written = options.task.settings(), []
     model = load_model(task, str(model_dir))
     if task.kind == "qa":
-        dev = load_split(task, "validation", options.task.data_dir, tokenizer, settings, training=False,
-                         limit=options.task.max_eval_examples)
         answers = qa_answers(dev, predict(model, dev, tokenizer, settings, options.task.eval_batch_size), settings)
         write_predictions(out / "predictions.json", answers.predictions)
         written.append(str(out / "predictions.json"))
