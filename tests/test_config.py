@@ -65,7 +65,7 @@ def test_invalid_configs_name_the_field(changes, message):
 def test_transformers_dict_round_trip_keeps_every_field():
     cfg = mb.preset("ib-bert-demo", id2label={0: "a", 1: "b", 2: "c"}, trigram_skip_padding=True)
     d = cfg.to_transformers_dict("MobileBertForPreTraining")
-    assert d["model_type"] == "mobilebert" and d["true_hidden_size"] == 256
+    assert d["model_type"] == "mobilebert" and d["true_hidden_size"] == 192
     assert d["label2id"] == {"a": 0, "b": 1, "c": 2}
     back = mb.MobileBertConfig.from_transformers_dict(d)
     assert back == cfg and back.num_labels == 3

@@ -81,7 +81,7 @@ def test_bad_inputs_get_clear_errors():
 
 
 def test_dropout_is_active_in_training_only():
-    cfg = mb.preset("ib-bert-demo", num_hidden_layers=2)
+    cfg = mb.preset("ib-bert-large", num_hidden_layers=2, intra_bottleneck_size=64, intermediate_size=64)
     model = mb.MobileBertModel(cfg)
     ids = torch.randint(1, 100, (2, 16))
     model.train()

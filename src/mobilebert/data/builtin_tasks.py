@@ -3,10 +3,10 @@ file formats, so that offline fine-tuning runs through the same loaders as the r
 
 | task | format | input → target | constant baseline |
 |---|---|---|---|
-| builtin-order | CoLA TSV (no header) | sentence → 1 if its words are in order, 0 if a span was shuffled | MCC 0 |
+| builtin-order | CoLA TSV (no header) | sentence → 1 if its words are in order, 0 if they were shuffled | MCC 0 |
 | builtin-next | MRPC TSV | sentence pair → 1 if the second follows the first in its document, else 0 | acc 0.5 |
 | builtin-overlap | STS-B TSV | sentence pair → 5 × the share of words the second keeps from the first | Pearson 0 |
-| builtin-qa | SQuAD v1.1 JSON | docstring + a sentence of it with a span blanked → that span | EM ~0 |
+| builtin-qa | SQuAD v1.1 JSON | a sentence with its neighbours + that sentence with a span blanked → the span | EM ~0 |
 
 Training examples come from the corpus's train documents, dev examples from its validation documents (which the
 pre-training never sees). Every label is computable from the text, so a good model beats the baselines widely.
@@ -25,6 +25,7 @@ from mobilebert.data.corpus import load_corpus
 from mobilebert.errors import UserError
 
 BLANK = "what"  # stands for the answer span in a builtin-qa question
+VERSION = 2  # of the generators: a folder written by another version is rewritten
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def write_builtin_tasks(out_dir: str | Path, sizes: BuiltinSizes = BuiltinSizes(
 
     Idempotent: a folder holding a `done` marker for the same sizes is left as it is."""
     out = Path(out_dir)
-    stamp = json.dumps({"train": sizes.train, "dev": sizes.dev, "seed": sizes.seed})
+    stamp = json.dumps({"train": sizes.train, "dev": sizes.dev, "seed": sizes.seed, "version": VERSION})
     if (out / "done").is_file() and (out / "done").read_text() == stamp:
         return out
     docs = {split: [list(d) for d in load_corpus("builtin", split=split)] for split in ("train", "validation")}
@@ -99,21 +100,18 @@ def _order_rows(docs, size: int, rng: random.Random) -> list[list[str]]:
         words = docs[d][s].split()
         label = i % 2
         if label == 0:
-            words = _shuffle_span(words, rng)
+            words = _shuffled(words, rng)
         rows.append(["builtin", str(label), "" if label else "*", " ".join(words)])
     rng.shuffle(rows)
     return rows
 
 
-def _shuffle_span(words: list[str], rng: random.Random) -> list[str]:
-    """Shuffle a span of at least half the words until the order differs."""
-    n = max(3, len(words) // 2)
-    start = rng.randrange(len(words) - n + 1)
-    span = words[start:start + n]
-    shuffled = span[:]
-    while shuffled == span and len(set(span)) > 1:
+def _shuffled(words: list[str], rng: random.Random) -> list[str]:
+    """The words in a random order that differs from the original (sentences have at least 6 words)."""
+    shuffled = words[:]
+    while shuffled == words and len(set(words)) > 1:
         rng.shuffle(shuffled)
-    return words[:start] + shuffled + words[start + n:]
+    return shuffled
 
 
 def _next_rows(docs, size: int, rng: random.Random) -> list[list[str]]:
@@ -152,14 +150,17 @@ def _overlap_rows(docs, size: int, rng: random.Random) -> list[list[str]]:
 
 
 def _qa_articles(docs, size: int, rng: random.Random, split: str) -> list[dict]:
-    """SQuAD articles: one paragraph per document (up to 8 sentences), one question per paragraph."""
-    candidates = [d for d, doc in enumerate(docs) if len(doc) >= 2]
+    """SQuAD articles, one question each: the context is a sentence of a document with its neighbours (up to
+    three sentences), the question that sentence with a span of 1–3 words replaced by "what"."""
+    candidates = [(d, j) for d, doc in enumerate(docs) if len(doc) >= 2 for j, text in enumerate(doc)
+                  if len(text.split()) >= 3]
     articles = []
     for i in range(size):
-        d = rng.choice(candidates)
-        sentences = list(docs[d][:8])
+        d, j = rng.choice(candidates)
+        first = max(0, j - rng.randint(0, 1))
+        sentences = list(docs[d][first:first + 3])
         context = " ".join(sentences)
-        s = rng.choice([j for j, text in enumerate(sentences) if len(text.split()) >= 3] or [0])
+        s = j - first
         words = sentences[s].split()
         n = min(rng.randint(1, 3), len(words) - 1)
         start = rng.randrange(len(words) - n + 1)

@@ -27,8 +27,8 @@ from mobilebert.data.builtin_tasks import BUILTIN_TASKS, BuiltinSizes, write_bui
 class DemoPlan:
     """Sizes of every stage: the full demo (under 20 minutes on 2 cores) or `--quick` (about a minute)."""
 
-    teacher_steps: int = 600
-    layerwise_steps: int = 600  # PKT: split over the 6 layers
+    teacher_steps: int = 1200
+    layerwise_steps: int = 300  # PKT: split over the 6 layers
     pd_steps: int = 300
     max_seq_length: int = 64
     task_train: int = 2000

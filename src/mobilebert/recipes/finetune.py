@@ -148,6 +148,8 @@ def run_trial(trial: Trial, options: FinetuneOptions, task: Task, tokenizer: Tok
                                         warmup_steps=round(options.search.warmup_ratio * steps), seed=trial.seed)
     torch.manual_seed(trial.seed)
     model = load_model(task, options.model.checkpoint)
+    if task.kind == "regression":
+        start_at_label_mean(model, train)
     engine = Engine(model, train_options, run, dist, tokenizer=tokenizer,
                     evaluate=lambda: dev_scores(model, dev, tokenizer, settings, options.task.eval_batch_size,
                                                 dist.device))
@@ -160,6 +162,15 @@ def run_trial(trial: Trial, options: FinetuneOptions, task: Task, tokenizer: Tok
     if dist.is_main:
         atomic_write(run.root / "results.json", lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
     return results
+
+
+@torch.no_grad()
+def start_at_label_mean(model: torch.nn.Module, train: TaskData) -> None:
+    """A new regression head starts at the training labels' mean instead of 0: with 0..5 targets (STS-B) a head
+    starting at 0 spends its first hundreds of steps learning the offset. A trained head is left alone."""
+    head = model.classifier
+    if torch.count_nonzero(head.bias) == 0:  # freshly initialised (biases start at exactly zero)
+        head.bias.fill_(sum(ex.label for ex in train.texts) / len(train.texts))
 
 
 def dev_scores(model: torch.nn.Module, dev: list[TaskData], tokenizer: Tokenizer, settings: TaskSettings,
