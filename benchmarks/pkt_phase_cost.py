@@ -26,7 +26,7 @@ import torch
 
 import mobilebert as mb
 from mobilebert.distill.strategies import copy_embeddings_and_heads, layer_groups, plan, set_trainable
-from mobilebert.recipes.distill import TransferOptions, Transfer
+from mobilebert.recipes.distill import Transfer, TransferOptions
 from mobilebert.report import format_table
 from mobilebert.train.optim import build_optimizer, parameter_groups
 
@@ -78,7 +78,7 @@ def main() -> int:
         return time.perf_counter() - began
 
     times: dict[str, list[float]] = {name: [] for name in configs}
-    for name, stage in configs.items():
+    for stage in configs.values():
         for _ in range(args.warmup):
             one_step(stage)
     for _ in range(args.rounds):  # interleaved
