@@ -113,9 +113,19 @@ def write_report(out: Path, records: dict[str, Any]) -> Path:
 
 
 def _stages(records: dict[str, Any]) -> str:
-    rows = [[name, f"{r['seconds']:.0f}"] for name, r in records.items() if isinstance(r, dict) and "seconds" in r]
+    """Seconds per stage (a model's fine-tuning: the sum of its four task runs) and the wall clock."""
+    rows = [[name, f"{r.get('task_seconds', r['seconds']):.0f}"] for name, r in records.items()
+            if isinstance(r, dict) and "seconds" in r]
     total = sum(float(r[1]) for r in rows)
-    return "## What ran\n\n" + format_table(["stage", "seconds"], [*rows, ["total", f"{total:.0f}"]])
+    table = format_table(["stage", "seconds"], [*rows, ["sum of stages", f"{total:.0f}"]])
+    run = records.get("run", {})
+    note = ""
+    if run:
+        parallel = f"with {run['workers']} workers: student and scratch side by side, as were the fine-tuning " \
+                   f"runs, so the wall clock is below the sum" if run["workers"] > 1 else "one stage at a time"
+        skipped = f"; {run['skipped']} stage(s) finished earlier were skipped" if run["skipped"] else ""
+        note = f"\n\nWall clock of this invocation: {run['seconds']:.0f} s ({parallel}{skipped})."
+    return "## What ran\n\n" + table + note
 
 
 def _sizes(out: Path) -> str:

@@ -297,7 +297,7 @@ class Engine:
 
 
 def _progress(total: int, start: int, enabled: bool):
-    if not enabled:
+    if not enabled or os.environ.get("MOBILEBERT_PROGRESS") == "0":  # e.g. in `mobilebert demo`'s side-by-side runs
         return None
     from tqdm.auto import tqdm
 
