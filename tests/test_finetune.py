@@ -196,3 +196,32 @@ def test_builtin_tasks_are_written_in_glue_and_squad_formats_with_a_learnable_si
                 answer = q["answers"][0]
                 assert paragraph["context"][answer["answer_start"]:].startswith(answer["text"])
                 assert q["question"].replace("what", answer["text"], 1) in paragraph["context"]
+
+
+def _texts(labels):
+    from mobilebert.data.glue import TextExample
+
+    return [TextExample(f"x-{i}", ("a", "b"), label) for i, label in enumerate(labels)]
+
+
+def test_constant_baseline_is_the_best_constant_per_metric():
+    """On balanced pairs accuracy is 0.5 for either constant, and F1 that of always answering positive (2/3)."""
+    from mobilebert.downstream import TaskData, constant_baseline
+
+    task = get_task("builtin-next")
+    assert task.metrics[0] == "accuracy"  # balanced labels: F1 would flatter a constant answer
+    train, dev = TaskData(task, "train", texts=_texts([0, 1] * 5)), TaskData(task, "dev", texts=_texts([0, 1] * 4))
+    baseline = constant_baseline(train, dev)
+    assert baseline["accuracy"] == pytest.approx(0.5) and baseline["f1"] == pytest.approx(2 / 3)
+
+
+def test_a_new_regression_head_starts_at_the_label_mean(checkpoint):
+    from mobilebert.downstream import TaskData, load_model
+    from mobilebert.recipes.finetune import start_at_label_mean
+
+    task = get_task("stsb")
+    model = load_model(task, str(checkpoint))
+    start_at_label_mean(model, TaskData(task, "train", texts=_texts([1.0, 2.0, 4.5])))
+    assert model.classifier.bias.item() == pytest.approx(2.5)
+    start_at_label_mean(model, TaskData(task, "train", texts=_texts([5.0])))  # a trained head is left alone
+    assert model.classifier.bias.item() == pytest.approx(2.5)

@@ -33,11 +33,14 @@ class BuiltinTask:
     name: str
     format: str  # the GLUE task whose file format (and metrics) it uses, or "squad"
     description: str
+    metrics: tuple[str, ...] | None = None  # the main metric first; None: the format's
 
 
 BUILTIN_TASKS = {t.name: t for t in (
     BuiltinTask("builtin-order", "cola", "is the sentence in its original word order? (Matthews correlation)"),
-    BuiltinTask("builtin-next", "mrpc", "does sentence 2 follow sentence 1 in its document? (F1, accuracy)"),
+    # Balanced labels: accuracy leads (always answering "follows" already has F1 0.67).
+    BuiltinTask("builtin-next", "mrpc", "does sentence 2 follow sentence 1 in its document? (accuracy, F1)",
+                ("accuracy", "f1")),
     BuiltinTask("builtin-overlap", "stsb", "how much of sentence 1 does sentence 2 keep? (Pearson, Spearman)"),
     BuiltinTask("builtin-qa", "squad", "extract the span blanked out of a sentence of the context (EM, F1)"),
 )}

@@ -7,6 +7,7 @@ SQuAD lr 4e-5, batch 32, 5 epochs, sequence 384.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def get_task(name: str) -> Task:
         fmt = BUILTIN_TASKS[key].format
         if fmt == "squad":
             return Task(key, "qa", ("exact_match", "f1"), BUILTIN_FAMILY, squad_version="1.1", builtin=True)
-        return _glue_task(task_spec(fmt), name=key, family=BUILTIN_FAMILY, builtin=True)
+        task = _glue_task(task_spec(fmt), name=key, family=BUILTIN_FAMILY, builtin=True)
+        return dataclasses.replace(task, metrics=BUILTIN_TASKS[key].metrics or task.metrics)
     try:
         spec = task_spec(name)
     except UserError:

@@ -115,7 +115,7 @@ def write_report(out: Path, records: dict[str, Any]) -> Path:
 def _stages(records: dict[str, Any]) -> str:
     """Seconds per stage (a model's fine-tuning: the sum of its four task runs) and the wall clock."""
     rows = [[name, f"{r.get('task_seconds', r['seconds']):.0f}"] for name, r in records.items()
-            if isinstance(r, dict) and "seconds" in r]
+            if isinstance(r, dict) and "seconds" in r and name != "run"]
     total = sum(float(r[1]) for r in rows)
     table = format_table(["stage", "seconds"], [*rows, ["sum of stages", f"{total:.0f}"]])
     run = records.get("run", {})
