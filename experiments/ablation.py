@@ -9,70 +9,26 @@ PKT ≥ JKT ≥ AKT, all above no distillation; this reports what we find.
     make demo                                              # (or any `mobilebert pretrain` teacher)
     python experiments/ablation.py --teacher runs/demo/teacher/final --out runs/ablation --seeds 0 1 2
 
-Every run is a stage with a `stage.json` marker (as in `mobilebert demo`): an interrupted ablation resumes.
+Every run is a stage with a `stage.json` marker, run side by side as in `mobilebert demo` (`--workers`): an
+interrupted ablation resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 from mobilebert.data.builtin_tasks import BUILTIN_TASKS, BuiltinSizes, write_builtin_tasks
-from mobilebert.recipes.demo import DemoPlan, _config, _run, run_stage
+from mobilebert.recipes.demo import DemoPlan, finetune_work, run_stages, scratch_work, student_work
+from mobilebert.recipes.demo_report import final_validation
 
 STRATEGIES = ("pkt", "jkt", "akt", "none")
 LABELS = {"pkt": "PKT", "jkt": "JKT", "akt": "AKT", "none": "no distillation"}
-
-
-def train_student(strategy: str, seed: int, args: argparse.Namespace, cache: Path):
-    """The stage that trains one student: `mobilebert distill` or, for "none", `mobilebert pretrain`."""
-    common = ["--train.seed", str(seed), "--data.cache_dir", str(cache), "--data.max_seq_length",
-              str(args.max_seq_length), "--train.tensorboard", "false", "--train.log_every", "10"]
-    steps = args.layerwise_steps + args.pd_steps
-
-    def work(folder: Path) -> dict:
-        if strategy == "none":
-            from mobilebert.recipes.pretrain import main
-            _run(main, folder, _config("teacher.yaml"), [
-                "--model.preset", args.student, "--train.steps", str(steps), "--train.warmup_steps",
-                str(min(50, steps // 10)), "--data.tokenizer", args.teacher, "--train.eval_every", str(steps),
-                *common])
-        else:
-            from mobilebert.recipes.distill import main
-            _run(main, folder, _config(f"distill-{strategy}.yaml"), [
-                "--distill.layerwise_steps", str(args.layerwise_steps), "--distill.pd_steps", str(args.pd_steps),
-                "--distill.pd_warmup_steps", str(max(args.pd_steps // 10, 1)), "--train.eval_every", str(steps),
-                *common], teacher=args.teacher, student=args.student, strategy=strategy)
-        return {"model": str(folder / "final"), "pretraining": last_evaluation(folder / "metrics.jsonl")}
-
-    return work
-
-
-def finetune(model: Path, seed: int, tasks: Path, args: argparse.Namespace):
-    from mobilebert.recipes.finetune import main
-
-    def work(folder: Path) -> dict:
-        results = {}
-        for task in args.tasks:
-            _run(main, folder / task, None, [
-                "--task.data_dir", str(tasks / task), "--search.epochs", f"[{args.epochs}]",
-                "--search.seeds", f"[{seed}]", "--train.tensorboard", "false"], checkpoint=str(model), task=task)
-            summary = json.loads((folder / task / "results.json").read_text())
-            metric = summary["main_metric"]
-            results[task] = {"metric": metric, "value": summary["best"]["metrics"][metric],
-                             "baseline": (summary["baseline"] or {}).get(metric, 0.0)}  # QA: none computed
-        return {"tasks": results}
-
-    return work
-
-
-def last_evaluation(metrics: Path) -> dict[str, float]:
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    evaluations = [r for r in rows if r.get("split") == "validation"]
-    return {k: v for k, v in evaluations[-1].items() if k not in ("step", "split")} if evaluations else {}
 
 
 def summarise(runs: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], list[list[str]], dict]:
@@ -82,10 +38,10 @@ def summarise(runs: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str],
     for strategy, seeds in runs.items():
         stats[strategy] = {}
         for column in columns:
-            values = [r["pretraining"][column] if column in r["pretraining"] else r["tasks"][column]["value"]
-                      for r in seeds]
+            values = [r["pretraining"][column] if column in r["pretraining"] else
+                      r["tasks"][column]["metrics"][r["tasks"][column]["main_metric"]] for r in seeds]
             stats[strategy][column] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-    metric_of = {t: runs[next(iter(runs))][0]["tasks"][t]["metric"] for t in tasks}
+    metric_of = {t: runs[next(iter(runs))][0]["tasks"][t]["main_metric"] for t in tasks}
     header = ["student", "held-out MLM acc", "NSP acc", *[f"{t} ({metric_of[t]})" for t in tasks]]
     rows = [[LABELS[s], *[f"{m:.3f} ± {sd:.3f}" for m, sd in (stats[s][c] for c in columns)]] for s in stats]
     return header, rows, stats
@@ -129,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task-train", type=int, default=plan.task_train, help="training examples per task")
     parser.add_argument("--task-dev", type=int, default=plan.task_dev, help="dev examples per task")
     parser.add_argument("--epochs", type=float, default=plan.epochs, help="fine-tuning epochs")
+    parser.add_argument("--workers", type=int, default=2, help="runs side by side, as in `mobilebert demo`")
     args = parser.parse_args(argv)
     if not (Path(args.teacher) / "config.json").is_file():
         print(f"ablation: error: no teacher checkpoint at {args.teacher} (run `make demo` or `mobilebert "
@@ -137,16 +94,29 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = write_builtin_tasks(out / "tasks", BuiltinSizes(args.task_train, args.task_dev))
-    runs: dict[str, list[dict]] = {}
-    for strategy in args.strategies:
-        for seed in args.seeds:
-            name = f"{strategy}-seed{seed}"
-            student = run_stage(out, name, train_student(strategy, seed, args, out / "cache"))
-            tuned = run_stage(out, f"{name}-finetune", finetune(Path(student["model"]), seed, tasks, args))
-            runs.setdefault(strategy, []).append({**student, **tuned})
+    plan = dataclasses.replace(plan, student_preset=args.student, layerwise_steps=args.layerwise_steps,
+                               pd_steps=args.pd_steps, max_seq_length=args.max_seq_length, task_train=args.task_train,
+                               task_dev=args.task_dev, epochs=args.epochs)
+    tasks = write_builtin_tasks(out / "tasks", BuiltinSizes(plan.task_train, plan.task_dev))
+    runs = [(strategy, seed, f"{strategy}-seed{seed}") for strategy in args.strategies for seed in args.seeds]
 
-    header, rows, stats = summarise(runs, args.tasks)
+    def student(strategy: str, seed: int):
+        extra = ("--train.seed", str(seed))
+        if strategy == "none":
+            return partial(scratch_work, plan, args.teacher, out / "cache", extra=extra)
+        return partial(student_work, plan, args.teacher, out / "cache", strategy=strategy, extra=extra)
+
+    students = run_stages(out, [(name, student(strategy, seed)) for strategy, seed, name in runs], args.workers)
+    tuned = run_stages(out, [(f"{name}-finetune/{task}", partial(finetune_work, plan, students[name]["model"], tasks,
+                                                                 task, extra=("--search.seeds", f"[{seed}]")))
+                             for _, seed, name in runs for task in args.tasks], args.workers)
+    results: dict[str, list[dict]] = {}
+    for strategy, _, name in runs:
+        results.setdefault(strategy, []).append({
+            "model": students[name]["model"], "pretraining": final_validation(out / name),
+            "tasks": {task: tuned[f"{name}-finetune/{task}"] for task in args.tasks}})
+
+    header, rows, stats = summarise(results, args.tasks)
     from mobilebert.report import format_table
 
     steps = f"{args.layerwise_steps} layer-wise + {args.pd_steps} PD steps (no distillation: " \
@@ -155,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.epochs:g} epochs on {args.task_train} examples per task, dev {args.task_dev}")
     table = format_table(header, rows)
     (out / "results.md").write_text(f"# Knowledge-transfer ablation\n\n{conditions}\n\n{table}\n\n![](ablation.png)\n")
-    (out / "results.json").write_text(json.dumps({"conditions": conditions, "runs": runs, "stats": stats},
+    (out / "results.json").write_text(json.dumps({"conditions": conditions, "runs": results, "stats": stats},
                                                  indent=2) + "\n")
     plot(stats, args.tasks, out / "ablation.png", f"{args.student}: mean ± std over seeds {args.seeds}")
     print(table)

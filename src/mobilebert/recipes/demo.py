@@ -136,36 +136,39 @@ def teacher_work(plan: DemoPlan, out: Path, folder: Path) -> dict:
     return {"model": str(folder / "final")}
 
 
-def student_work(plan: DemoPlan, out: Path, folder: Path) -> dict:
-    """PKT knowledge transfer from the teacher, then pre-training distillation."""
+def student_work(plan: DemoPlan, teacher: str, cache: Path, folder: Path, strategy: str = "pkt",
+                 extra: tuple[str, ...] = ()) -> dict:
+    """Knowledge transfer from `teacher` (layer-wise with `strategy`), then pre-training distillation."""
     from mobilebert.recipes.distill import main
 
-    _run(main, folder, _config("distill-pkt.yaml"), [
+    _run(main, folder, _config(f"distill-{strategy}.yaml"), [
         "--distill.layerwise_steps", str(plan.layerwise_steps), "--distill.pd_steps", str(plan.pd_steps),
         "--distill.pd_warmup_steps", str(max(plan.pd_steps // 10, 1)), "--train.eval_every",
-        str(plan.layerwise_steps + plan.pd_steps), *_data_overrides(plan, out / "cache")],
-         teacher=str(out / "teacher" / "final"), student=plan.student_preset, strategy="pkt")
+        str(plan.layerwise_steps + plan.pd_steps), *_data_overrides(plan, cache), *extra],
+         teacher=teacher, student=plan.student_preset, strategy=strategy)
     return {"model": str(folder / "final")}
 
 
-def scratch_work(plan: DemoPlan, out: Path, folder: Path) -> dict:
-    """The baseline: the student's shape trained with plain MLM + NSP for as many steps as the distillation."""
+def scratch_work(plan: DemoPlan, teacher: str, cache: Path, folder: Path, extra: tuple[str, ...] = ()) -> dict:
+    """The baseline: the student's shape trained with plain MLM + NSP for as many steps as the distillation (with
+    the teacher's tokenizer)."""
     from mobilebert.recipes.pretrain import main
 
     steps = plan.layerwise_steps + plan.pd_steps
     _run(main, folder, _config("teacher.yaml"), [
         "--model.preset", plan.student_preset, "--train.steps", str(steps), "--train.warmup_steps",
-        str(min(50, steps // 10)), "--data.tokenizer", str(out / "teacher" / "final"), "--train.eval_every",
-        str(steps), *_data_overrides(plan, out / "cache")])
+        str(min(50, steps // 10)), "--data.tokenizer", teacher, "--train.eval_every", str(steps),
+        *_data_overrides(plan, cache), *extra])
     return {"model": str(folder / "final")}
 
 
-def finetune_work(plan: DemoPlan, out: Path, model: str, task: str, folder: Path) -> dict:
-    """Fine-tune one pre-trained model on one built-in task (the tasks' files are written beforehand)."""
+def finetune_work(plan: DemoPlan, checkpoint: str, tasks: Path, task: str, folder: Path,
+                  extra: tuple[str, ...] = ()) -> dict:
+    """Fine-tune one pre-trained model on one built-in task (its files written beforehand under `tasks`)."""
     from mobilebert.recipes.finetune import main
 
-    _run(main, folder, None, ["--task.data_dir", str(out / "tasks" / task), "--search.epochs", f"[{plan.epochs}]",
-                              "--train.tensorboard", "false"], checkpoint=str(out / model / "final"), task=task)
+    _run(main, folder, None, ["--task.data_dir", str(tasks / task), "--search.epochs", f"[{plan.epochs}]",
+                              "--train.tensorboard", "false", *extra], checkpoint=checkpoint, task=task)
     summary = json.loads((folder / "results.json").read_text())
     return {"metrics": summary["best"]["metrics"], "baseline": summary["baseline"],
             "main_metric": summary["main_metric"]}
@@ -190,20 +193,22 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     workers = max(1, getattr(args, "workers", 2))
-    skipped = [p for p in out.glob("*/stage.json")]  # finished before this invocation
+    skipped = len(list(out.glob("*/stage.json")))  # finished before this invocation
     records: dict[str, Any] = {"plan": asdict(plan)}
     records["teacher"] = run_stage(out, "teacher", partial(teacher_work, plan, out))
     # The distilled student and its undistilled baseline need only the teacher: side by side.
-    records.update(run_stages(out, [("student", partial(student_work, plan, out)),
-                                    ("scratch", partial(scratch_work, plan, out))], workers))
-    write_builtin_tasks(out / "tasks", BuiltinSizes(plan.task_train, plan.task_dev))
-    tuned = run_stages(out, [(f"finetune-{model}/{task}", partial(finetune_work, plan, out, model, task))
+    teacher, cache = str(out / "teacher" / "final"), out / "cache"
+    records.update(run_stages(out, [("student", partial(student_work, plan, teacher, cache)),
+                                    ("scratch", partial(scratch_work, plan, teacher, cache))], workers))
+    tasks = write_builtin_tasks(out / "tasks", BuiltinSizes(plan.task_train, plan.task_dev))
+    tuned = run_stages(out, [(f"finetune-{model}/{task}",
+                              partial(finetune_work, plan, str(out / model / "final"), tasks, task))
                              for model in MODELS for task in BUILTIN_TASKS], workers)
     for model in MODELS:
         records[f"finetune-{model}"] = run_stage(out, f"finetune-{model}", collect_finetuning(tuned, model))
     records["deploy"] = run_stage(out, "deploy", deploy_stage(plan, out))
     records["bench"] = run_stage(out, "bench", bench_stage(plan, out))
-    records["run"] = {"seconds": time.perf_counter() - began, "workers": workers, "skipped": len(skipped)}
+    records["run"] = {"seconds": time.perf_counter() - began, "workers": workers, "skipped": skipped}
     report = write_report(out, records)
     print(f"\ndone in {time.perf_counter() - began:.0f}s; report: {report}")
     return 0
