@@ -24,6 +24,9 @@ def test_bench_runs_every_default_backend_and_prints_json_last(tmp_path):
     for row in rows.values():
         assert row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"] and row["sequences_per_s"] > 0
         assert row["speedup_vs_hf-mobilebert"] > 0
+        assert row["peak_mb"] > 0
+    # Peak memory holds at least the weights: BERT-base's 86M parameters (at this preset's vocabulary) are 344 MB.
+    assert rows["hf-bert-base"]["peak_mb"] > 0.9 * rows["hf-bert-base"]["size_mb"]
     for name in ("optimized", "onnx", "hf-mobilebert"):
         assert rows[name]["relative_error"] < 1e-4, name
     for name in ("onnx-int8", "torch-int8"):

@@ -197,3 +197,16 @@ def test_dtype_conversion_after_optimizing_keeps_outputs_right():
         out = fast.double()(**batch).last_hidden_state
         assert out.dtype == torch.float64 and relative_error(out, ref) <= TOL
         assert relative_error(copy.deepcopy(fast)(**batch).last_hidden_state, ref) <= TOL
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_bfloat16_copy_runs_every_variant_close_to_fp32(variant):
+    """The bench's and the demo's reduced-precision path: the optimized model converted to bf16 once. bf16 keeps
+    8 bits of mantissa, so hidden states agree to about 1e-2 relative (the 1e-4 bound is for fp32)."""
+    eager = build("QuestionAnswering", mb.MobileBertConfig(**{**TINY, **VARIANTS[variant]}))
+    fast = optimize_for_inference(eager).to(torch.bfloat16)
+    batch = padded_batch()
+    with torch.no_grad():
+        ref, out = eager(**batch, output_hidden_states=True), fast(**batch, output_hidden_states=True)
+    assert out.start_logits.dtype == torch.bfloat16 and torch.isfinite(out.start_logits).all()
+    assert relative_error(out.hidden_states[-1].float(), ref.hidden_states[-1]) < 3e-2

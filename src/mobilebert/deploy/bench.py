@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
+import importlib
 import json
+import multiprocessing
 import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,7 @@ class Backend:
     flops: int | None = None  # per sequence
     config: Any = None  # a reference's own config, when it is not our architecture
     error: float | None = None  # relative error of its output against eager
+    peak_mb: float | None = None  # resident memory to hold it and run it (see `peak_memory`)
     times: list[float] = field(default_factory=list)
 
 
@@ -111,26 +117,27 @@ def _compiled(model, weights, workdir, threads) -> Backend:
 
 def _bf16(model, weights, workdir, threads) -> Backend:
     from mobilebert.deploy.optimize import optimize_for_inference
+    from mobilebert.deploy.quantize import state_dict_size
 
     if not cpu_bf16():
         raise NotImplementedError("this CPU has no native bf16 (AVX512-BF16/AMX): emulated bf16 is slower")
-    fast = optimize_for_inference(model)
-
-    def run(b):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return _hidden(fast(**b))
-
-    return Backend("bf16", run, _size(weights / "model.safetensors"))
+    # Weights converted once: autocast would cast every weight on every call (measured: no faster than fp32).
+    fast = optimize_for_inference(model).to(torch.bfloat16)
+    return Backend("bf16", lambda b: _hidden(fast(**b)), state_dict_size(fast))
 
 
 def _onnx(model, weights, workdir, threads, int8: bool = False) -> Backend:
     from mobilebert.deploy.export import OnnxModel, export_onnx
 
-    path = export_onnx(model, workdir / "model.onnx")
+    path = workdir / "model.onnx"  # made once per workdir: `peak_memory`'s processes reuse the parent's files
+    if not path.is_file():
+        export_onnx(model, path)
     if int8:
         from mobilebert.deploy.quantize import quantize_onnx_dynamic
 
-        path = quantize_onnx_dynamic(path, workdir / "model-int8.onnx")
+        path, source = workdir / "model-int8.onnx", path
+        if not path.is_file():
+            quantize_onnx_dynamic(source, path)
     session = OnnxModel(path, threads=threads)
     return Backend("onnx-int8" if int8 else "onnx", lambda b: _hidden(session(**b)), _size(path))
 
@@ -195,6 +202,58 @@ def matmul_peak(threads: int, seq: int = 128, repeats: int = 20) -> float:
     return best
 
 
+def _status_kb(field: str) -> int:
+    """A `VmRSS`/`VmHWM` figure of this process from /proc/self/status, in kB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def _release_freed_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages resident otherwise
+
+
+def _peak_rss_mb(name: str, weights: str, workdir: str, threads: int, inputs: dict[str, torch.Tensor]) -> float:
+    """Run in a fresh process: build backend `name`, let go of everything the build needed, reset the kernel's
+    peak-RSS mark, run two forwards; the peak above the RSS of the process before it loaded anything, in MB."""
+    torch.set_num_threads(threads)
+    with contextlib.suppress(ImportError):  # library code is not the backend's memory
+        importlib.import_module("onnxruntime")
+    with contextlib.suppress(ImportError):
+        transformers = importlib.import_module("transformers")
+        transformers.MobileBertModel, transformers.BertModel  # noqa: B018  (lazy modules: import them now)
+    _release_freed_memory()
+    before = _status_kb("VmRSS")
+    model = MobileBertModel.from_pretrained(weights).eval()
+    backend = _BUILDERS[name](model, Path(weights), Path(workdir), threads)
+    del model  # backends that run the eager model keep their own reference
+    _release_freed_memory()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux ≥ 4.0)
+    with torch.inference_mode():
+        backend.run(inputs)
+        backend.run(inputs)
+    return (_status_kb("VmHWM") - before) * 1024 / 1e6
+
+
+def peak_memory(backends: list[Backend], weights: Path, workdir: Path, threads: int,
+                inputs: dict[str, torch.Tensor]) -> None:
+    """Set each backend's `peak_mb`: the resident memory a process needs to hold that backend and run it on
+    `inputs` (weights, runtime buffers, activations), measured in a fresh process per backend so that nothing
+    the others allocated counts. Linux only (/proc); elsewhere it is left unset."""
+    if not Path("/proc/self/clear_refs").exists():
+        print("skipping peak memory: needs Linux's /proc/self/clear_refs")
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max(1, min(2, len(backends))), mp_context=context) as pool:
+        jobs = [pool.submit(_peak_rss_mb, b.name, str(weights), str(workdir), threads, inputs) for b in backends]
+        for backend, job in zip(backends, jobs, strict=True):
+            try:
+                backend.peak_mb = job.result()
+            except OSError as e:  # e.g. clear_refs not writable in a sandbox
+                print(f"no peak memory for {backend.name}: {e}")
+
+
 @torch.inference_mode()
 def measure(backends: list[Backend], inputs: dict[str, torch.Tensor], warmup: int, repetitions: int) -> None:
     """Check each backend against eager, warm them up, then time them interleaved (A B C A B C ...)."""
@@ -221,7 +280,7 @@ def summarise(backends: list[Backend], batch: int, peak: float) -> list[dict[str
         p90 = sorted(b.times)[max(0, int(round(0.9 * len(b.times))) - 1)]
         row = {"backend": b.name, "median_ms": 1000 * median, "p90_ms": 1000 * p90,
                "sequences_per_s": batch / median, "size_mb": b.size_bytes / 1e6 if b.size_bytes else None,
-               "relative_error": b.error}
+               "relative_error": b.error, "peak_mb": b.peak_mb}
         for ref in REFERENCES:
             if ref in by_name:
                 row[f"speedup_vs_{ref}"] = statistics.median(by_name[ref].times) / median
@@ -246,7 +305,7 @@ def conditions(threads: int, batch: int, seq: int, peak: float) -> dict[str, Any
 
 
 def run_bench(cfg: MobileBertConfig, names: list[str], threads: int, batch: int, seq: int, warmup: int,
-              repetitions: int, checkpoint: str | None = None) -> dict[str, Any]:
+              repetitions: int, checkpoint: str | None = None, memory: bool = True) -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = (MobileBertModel.from_pretrained(checkpoint) if checkpoint else MobileBertModel(cfg)).eval()
@@ -258,17 +317,20 @@ def run_bench(cfg: MobileBertConfig, names: list[str], threads: int, batch: int,
     with tempfile.TemporaryDirectory() as tmp:
         backends = build_backends(model, names, threads, Path(tmp), inputs)
         measure(backends, inputs, warmup, repetitions)
+        if memory:
+            peak_memory(backends, Path(tmp) / "eager", Path(tmp), threads, inputs)
     return {"conditions": conditions(threads, batch, seq, peak), "results": summarise(backends, batch, peak)}
 
 
 def format_results(report: dict[str, Any]) -> str:
     refs = [r for r in REFERENCES if any(f"speedup_vs_{r}" in row for row in report["results"])]
-    header = ["backend", "median ms", "p90 ms", "seq/s", "MB", "rel. error", *[f"× vs {r}" for r in refs],
+    header = ["backend", "median ms", "p90 ms", "seq/s", "MB", "peak MB", "rel. error", *[f"× vs {r}" for r in refs],
               "GFLOP/s", "% of peak"]
     rows = []
     for r in report["results"]:
         rows.append([r["backend"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['sequences_per_s']:.1f}",
                      f"{r['size_mb']:.1f}" if r["size_mb"] else "-",
+                     f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "-",
                      f"{r['relative_error']:.1e}" if r["relative_error"] is not None else "-",
                      *[f"{r[f'speedup_vs_{ref}']:.2f}" for ref in refs],
                      f"{r.get('gflops_per_s', 0):.0f}", f"{100 * r.get('share_of_peak', 0):.0f}%"])
@@ -308,7 +370,7 @@ def main(args: argparse.Namespace) -> int:
     reports = []
     for seq in args.seq:
         report = run_bench(cfg, names, args.threads, args.batch, seq, args.warmup, args.repetitions,
-                           args.checkpoint)
+                           args.checkpoint, memory=args.memory)
         print(format_results(report))
         if args.plot:
             path = Path(args.plot)
@@ -330,3 +392,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repetitions", type=int, default=20, help="timed calls per backend, interleaved")
     parser.add_argument("--plot", help="write a latency bar chart (PNG) here")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the peak-memory column (one short extra process per backend)")
