@@ -85,14 +85,23 @@ Sublayer = tuple  # (weight_t, bias, scale, norm): the arguments `residual` take
 
 
 def residual(x: torch.Tensor, r: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-             scale: torch.Tensor | None, norm: nn.Module | None) -> torch.Tensor:
+             scale: torch.Tensor | None, norm: nn.Module | None, reuse: bool = False) -> torch.Tensor:
     """`Norm(x W + b + r)`, the step every sub-layer of a block ends with, in as few ops as its norm allows.
 
-    NoNorm (`scale` = gamma, also folded into W and b): `addmm(b', x, W') + r*gamma`, a matmul-add and one fused
-    multiply-add. LayerNorm (`norm`): `LN(addmm(b, x, W) + r)`. Pre-folded (`bias` None): whoever made r already
-    added the bias (and NoNorm's gamma and beta), so one `addmm(r, x, W')`.
+    NoNorm (`scale` = gamma, also folded into W and b): `addmm(b', x, W') + r*gamma`. LayerNorm (`norm`):
+    `LN(addmm(b, x, W) + r)`. Pre-folded (`bias` None): whoever made r already added the bias (and NoNorm's gamma
+    and beta), so one `addmm(r, x, W')`. `reuse`: r is not needed afterwards, so the sum is built in r's memory:
+    one pass over r (`r*gamma + b'`, or `r + b`) and a matmul that adds into it, instead of a copy of the bias
+    into a new output, the matmul, and a pass that adds r.
     """
-    if bias is None:
+    if reuse:
+        if bias is None:
+            y = r.addmm_(x, weight_t)
+        elif scale is not None:
+            return torch.addcmul(bias, r, scale, out=r).addmm_(x, weight_t)
+        else:
+            y = r.add_(bias).addmm_(x, weight_t)
+    elif bias is None:
         y = torch.addmm(r, x, weight_t)
     elif scale is not None:
         return torch.addmm(bias, x, weight_t).addcmul_(r, scale)
@@ -276,14 +285,17 @@ class FusedBlock(nn.Module):
             return x, *self.split_heads(torch.addmm(w.qkv_bias, x, w.qkv_t), B, T)
         return x, *self.split_heads(rest[0], B, T)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int,
+                keep_input: bool = False) -> torch.Tensor:
+        """The block output (N, D); the sums of the residual steps are built in the memory of their residual,
+        which for the last one is h: `keep_input` keeps h intact (it is returned as a hidden state)."""
         w = self.weights()
         x, q, k, v = self.attention_inputs(h, w, B, T)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
-        a = residual(context.transpose(1, 2).reshape(B * T, self.width), x, *w.attention)  # (N, I)
+        a = residual(context.transpose(1, 2).reshape(B * T, self.width), x, *w.attention, reuse=True)  # (N, I)
         for up_t, up_bias, *down in w.ffns:
-            a = residual(w.act(torch.addmm(up_bias, a, up_t)), a, *down)
-        return residual(a, h, *w.output)  # (N, D)
+            a = residual(w.act(torch.addmm(up_bias, a, up_t)), a, *down, reuse=True)
+        return residual(a, h, *w.output, reuse=not keep_input)  # (N, D)
 
 
 class FusedMobileBert(nn.Module):
@@ -315,7 +327,7 @@ class FusedMobileBert(nn.Module):
             mask = h.new_zeros(B, 1, 1, T).masked_fill_(attention_mask[:, None, None, :] == 0, float("-inf"))
         hidden = [h]
         for block in self.layers[:num_layers]:
-            h = block(h, mask, B, T)
+            h = block(h, mask, B, T, keep_input=output_hidden_states)
             if output_hidden_states:
                 hidden.append(h)
         h = h.view(B, T, -1)  # (B, T, D)
