@@ -54,7 +54,7 @@ def deploy_stage(plan, out: Path) -> Callable[[Path], dict]:
             dev = load_split(task, "validation", str(out / "tasks" / name), tokenizer, settings, training=False)
             metrics = score(dev, predict(_OnnxAdapter(OnnxModel(int8, threads=torch.get_num_threads())), dev,
                                          tokenizer, settings), settings)
-            bf16 = optimize_for_inference(model).to(torch.bfloat16)
+            bf16 = optimize_for_inference(model, dtype=torch.bfloat16)
             results[name] = {"metrics": metrics, "fp32_bytes": fp32.stat().st_size,
                              "int8_bytes": int8.stat().st_size,
                              "bf16_metrics": score(dev, predict(bf16, dev, tokenizer, settings), settings)}
