@@ -120,6 +120,10 @@ def _pack(weight_t: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight_t.t().contiguous())
 
 
+def _addmm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(bias, x, weight_t)
+
+
 def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, post: str = "none") -> torch.Tensor:
     """`post(x W + b)` in one oneDNN call; `post` is "none" or "relu"."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, post, [], "")
@@ -313,19 +317,21 @@ class FusedBlock(nn.Module):
         """(N, n*I) -> n views (B, H, T, I/H): no copies."""
         return t.view(B, T, -1, self.heads, self.width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def attention_inputs(self, h: torch.Tensor, w: BlockWeights, B: int, T: int) -> tuple[torch.Tensor, ...]:
-        """The residual x (N, I), then q, k, v (B, H, T, I/H), from the block input h (N, D)."""
-        x, *rest = torch.addmm(w.in_bias, h, w.in_t).split_with_sizes(self.split, dim=1)
+    def attention_inputs(self, h: torch.Tensor, w: BlockWeights, B: int, T: int,
+                         linear: Callable = _addmm) -> tuple[torch.Tensor, ...]:
+        """The residual x (N, I), then q, k, v (B, H, T, I/H), from the block input h (N, D); `linear(x, W, b)`
+        runs the matmuls (`_linear` on packed weights)."""
+        x, *rest = linear(h, w.in_t, w.in_bias).split_with_sizes(self.split, dim=1)
         if w.input_norm is not None:
             x = w.input_norm(x)
         if self.shared:
             s, v = rest
             if w.qk_norm is not None:
                 s = w.qk_norm(s)
-            q, k = self.split_heads(torch.addmm(w.qkv_bias, s, w.qkv_t), B, T)
+            q, k = self.split_heads(linear(s, w.qkv_t, w.qkv_bias), B, T)
             return x, q, k, v.view(B, T, self.heads, -1).transpose(1, 2)
         if self.bottleneck_attention:
-            return x, *self.split_heads(torch.addmm(w.qkv_bias, x, w.qkv_t), B, T)
+            return x, *self.split_heads(linear(x, w.qkv_t, w.qkv_bias), B, T)
         return x, *self.split_heads(rest[0], B, T)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int,
@@ -349,19 +355,7 @@ class FusedBlock(nn.Module):
                         keep_input: bool) -> torch.Tensor:
         """`forward` on the packed weights."""
         w = self._packed
-        x, *rest = _linear(h, w.in_t, w.in_bias).split_with_sizes(self.split, dim=1)
-        if w.input_norm is not None:
-            x = w.input_norm(x)
-        if self.shared:
-            s, v = rest
-            if w.qk_norm is not None:
-                s = w.qk_norm(s)
-            q, k = self.split_heads(_linear(s, w.qkv_t, w.qkv_bias), B, T)
-            v = v.view(B, T, self.heads, -1).transpose(1, 2)
-        elif self.bottleneck_attention:
-            q, k, v = self.split_heads(_linear(x, w.qkv_t, w.qkv_bias), B, T)
-        else:
-            q, k, v = self.split_heads(rest[0], B, T)
+        x, q, k, v = self.attention_inputs(h, w, B, T, _linear)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
         a = packed_residual(context.transpose(1, 2).reshape(B * T, self.width), x.contiguous(), *w.attention)
         relu = w.act is torch.relu_
