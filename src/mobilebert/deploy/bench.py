@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from mobilebert.config import MobileBertConfig, preset
+from mobilebert.deploy.optimize import cpu_bf16
 from mobilebert.errors import UserError
 from mobilebert.model import MobileBertModel
 from mobilebert.report import format_table
@@ -47,15 +48,6 @@ class Backend:
     error: float | None = None  # relative error of its output against eager
     peak_mb: float | None = None  # resident memory to hold it and run it (see `peak_memory`)
     times: list[float] = field(default_factory=list)
-
-
-def cpu_bf16() -> bool:
-    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def random_inputs(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -110,9 +111,18 @@ def residual(x: torch.Tensor, r: torch.Tensor, weight_t: torch.Tensor, bias: tor
     return y if norm is None else norm(y)
 
 
+def cpu_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def onednn_bf16() -> bool:
-    """Whether this PyTorch build and CPU run oneDNN's bf16 matmuls natively (AVX512-BF16 or AMX)."""
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether this PyTorch build runs oneDNN's bf16 matmuls on a CPU that computes bf16 natively."""
+    return cpu_bf16() and torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _pack(weight_t: torch.Tensor) -> torch.Tensor:
