@@ -30,6 +30,28 @@ class Options:
     train: Train = field(default_factory=Train)
 
 
+@dataclass
+class Recipe:
+    train: Train = field(default_factory=lambda: Train(lr=5e-5, bf16=True))  # the recipe's own section defaults
+
+
+def test_a_section_override_keeps_the_recipes_section_defaults(tmp_path):
+    """`--train.steps 3` changes one key of the recipe's train section, not the section class's defaults."""
+    opts = load_config(Recipe, None, ["--train.steps", "3"])
+    assert (opts.train.lr, opts.train.bf16, opts.train.steps) == (5e-5, True, 3)
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1.0e-4\n")
+    opts = load_config(Recipe, path)
+    assert (opts.train.lr, opts.train.bf16, opts.train.steps) == (1e-4, True, 10)
+
+
+def test_finetune_keeps_adamw_when_a_train_key_is_given():
+    from mobilebert.recipes.finetune import FinetuneOptions
+
+    opts = load_config(FinetuneOptions, None, ["--train.tensorboard", "false"])
+    assert (opts.train.optimizer, opts.train.eps, opts.train.tensorboard) == ("adamw", 1e-6, False)
+
+
 def test_defaults_then_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  preset: ib-bert-demo\ntrain:\n  lr: 2.0e-3\n  steps: 5\n")

@@ -99,7 +99,8 @@ def _resolve_key(cls: type, key: str) -> str:
     raise UserError(f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
 
 
-def _build(cls: type[T], data: Any, prefix: str, source: str) -> T:
+def _build(cls: type[T], data: Any, prefix: str, source: str, base: T | None = None) -> T:
+    """`cls` from the mapping `data`; keys it leaves out keep their values in `base` (else the class defaults)."""
     if not isinstance(data, dict):
         raise UserError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping")
     hints = typing.get_type_hints(cls)
@@ -112,14 +113,25 @@ def _build(cls: type[T], data: Any, prefix: str, source: str) -> T:
     kwargs = {}
     for name, value in data.items():
         kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            kwargs[name] = _build(kind, value, f"{prefix}{name}.", source)
+        if dataclasses.is_dataclass(kind):  # a section: the keys given change the section's own default
+            kwargs[name] = _build(kind, value, f"{prefix}{name}.", source, _section_default(cls, name, base))
         else:
             kwargs[name] = _coerce(value, kind, f"{prefix}{name}", source)
     try:
-        return cls(**kwargs)
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
+
+
+def _section_default(cls: type, name: str, base: Any) -> Any:
+    """The value a section takes when the config does not mention it: the outer default's, or the field's
+    default (a recipe's `default_factory` may differ from the section class's own defaults)."""
+    if base is not None:
+        return getattr(base, name)
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:

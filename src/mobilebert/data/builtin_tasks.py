@@ -6,7 +6,7 @@ file formats, so that offline fine-tuning runs through the same loaders as the r
 | builtin-order | CoLA TSV (no header) | sentence → 1 if its words are in order, 0 if they were shuffled | MCC 0 |
 | builtin-next | MRPC TSV | sentence pair → 1 if the second follows the first in its document, else 0 | acc 0.5 |
 | builtin-overlap | STS-B TSV | sentence pair → 5 × the share of words the second keeps from the first | Pearson 0 |
-| builtin-qa | SQuAD v1.1 JSON | a sentence with its neighbours + that sentence with a span blanked → the span | EM ~0 |
+| builtin-qa | SQuAD v1.1 JSON | up to three sentences + "from X to Y" → the span from word X to word Y | EM 0 |
 
 Training examples come from the corpus's train documents, dev examples from its validation documents (which the
 pre-training never sees). Every label is computable from the text, so a good model beats the baselines widely.
@@ -24,8 +24,8 @@ from mobilebert.checkpoint import atomic_write
 from mobilebert.data.corpus import load_corpus
 from mobilebert.errors import UserError
 
-BLANK = "what"  # stands for the answer span in a builtin-qa question
-VERSION = 2  # of the generators: a folder written by another version is rewritten
+QUESTION = ("from", "to")  # a builtin-qa question: "from <first word of the span> to <its last word>"
+VERSION = 3  # of the generators: a folder written by another version is rewritten
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ BUILTIN_TASKS = {t.name: t for t in (
     BuiltinTask("builtin-next", "mrpc", "does sentence 2 follow sentence 1 in its document? (accuracy, F1)",
                 ("accuracy", "f1")),
     BuiltinTask("builtin-overlap", "stsb", "how much of sentence 1 does sentence 2 keep? (Pearson, Spearman)"),
-    BuiltinTask("builtin-qa", "squad", "extract the span blanked out of a sentence of the context (EM, F1)"),
+    BuiltinTask("builtin-qa", "squad", "extract the span of the context from word X to word Y (EM, F1)"),
 )}
 
 
@@ -154,25 +154,35 @@ def _overlap_rows(docs, size: int, rng: random.Random) -> list[list[str]]:
 
 def _qa_articles(docs, size: int, rng: random.Random, split: str) -> list[dict]:
     """SQuAD articles, one question each: the context is a sentence of a document with its neighbours (up to
-    three sentences), the question that sentence with a span of 1–3 words replaced by "what"."""
+    three sentences); the question names the first and last word of a 2–5 word span of that sentence ("from X to
+    Y"), each of which occurs once in the context; the answer is the span. Answering takes matching the question's
+    words to the context and extracting what lies between them."""
     candidates = [(d, j) for d, doc in enumerate(docs) if len(doc) >= 2 for j, text in enumerate(doc)
-                  if len(text.split()) >= 3]
-    articles = []
-    for i in range(size):
+                  if len(text.split()) >= 2]
+    articles, draws = [], 0
+    while len(articles) < size:
+        draws += 1
+        if draws > 100 * size + 1000:
+            raise UserError(f"builtin-qa: the corpus has too few sentences with words that occur once in their "
+                            f"context ({len(articles)} questions made, {size} wanted)")
         d, j = rng.choice(candidates)
         first = max(0, j - rng.randint(0, 1))
         sentences = list(docs[d][first:first + 3])
         context = " ".join(sentences)
         s = j - first
         words = sentences[s].split()
-        n = min(rng.randint(1, 3), len(words) - 1)
+        n = rng.randint(2, min(5, len(words)))
         start = rng.randrange(len(words) - n + 1)
-        answer = " ".join(words[start:start + n])
-        question = " ".join([*words[:start], BLANK, *words[start + n:]])
+        span = words[start:start + n]
+        counts = context.split()
+        if counts.count(span[0]) != 1 or counts.count(span[-1]) != 1:
+            continue  # a cue word that occurs twice would make the question ambiguous: draw again
+        answer = " ".join(span)
         sentence_start = len(" ".join(sentences[:s])) + (1 if s else 0)
         answer_start = sentence_start + len(" ".join(words[:start])) + (1 if start else 0)
         assert context[answer_start:answer_start + len(answer)] == answer
-        qa = {"id": f"{split}-{i}", "question": question, "answers": [{"text": answer, "answer_start": answer_start}]}
+        qa = {"id": f"{split}-{len(articles)}", "question": f"{QUESTION[0]} {span[0]} {QUESTION[1]} {span[-1]}",
+              "answers": [{"text": answer, "answer_start": answer_start}]}
         articles.append({"title": f"doc-{d}", "paragraphs": [{"context": context, "qas": [qa]}]})
     return articles
 

@@ -167,8 +167,14 @@ def finetune_work(plan: DemoPlan, checkpoint: str, tasks: Path, task: str, folde
     """Fine-tune one pre-trained model on one built-in task (its files written beforehand under `tasks`)."""
     from mobilebert.recipes.finetune import main
 
-    _run(main, folder, None, ["--task.data_dir", str(tasks / task), "--search.epochs", f"[{plan.epochs}]",
-                              "--train.tensorboard", "false", *extra], checkpoint=checkpoint, task=task)
+    if BUILTIN_TASKS[task].format == "squad":  # windows no longer than the pre-training sequences (positions
+        # past those were never trained); the question is short, the rest of the window is context
+        extra = ("--task.max_seq_length", str(plan.max_seq_length), "--task.doc_stride",
+                 str(plan.max_seq_length // 2), "--task.max_query_length", str(plan.max_seq_length // 2), *extra)
+    else:
+        extra = ("--search.epochs", f"[{plan.epochs}]", *extra)
+    _run(main, folder, None, ["--task.data_dir", str(tasks / task), "--train.tensorboard", "false", *extra],
+         checkpoint=checkpoint, task=task)
     summary = json.loads((folder / "results.json").read_text())
     return {"metrics": summary["best"]["metrics"], "baseline": summary["baseline"],
             "main_metric": summary["main_metric"]}
