@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(BUILTIN_TASKS), choices=list(BUILTIN_TASKS))
     parser.add_argument("--task-train", type=int, default=plan.task_train, help="training examples per task")
     parser.add_argument("--task-dev", type=int, default=plan.task_dev, help="dev examples per task")
-    parser.add_argument("--epochs", type=float, default=plan.epochs, help="fine-tuning epochs")
+    parser.add_argument("--epochs", type=float, default=plan.epochs,
+                        help="fine-tuning epochs (builtin-qa: its family's)")
     parser.add_argument("--workers", type=int, default=2, help="runs side by side, as in `mobilebert demo`")
     args = parser.parse_args(argv)
     if not (Path(args.teacher) / "config.json").is_file():

@@ -174,8 +174,8 @@ def _qa_articles(docs, size: int, rng: random.Random, split: str) -> list[dict]:
         n = rng.randint(2, min(5, len(words)))
         start = rng.randrange(len(words) - n + 1)
         span = words[start:start + n]
-        counts = context.split()
-        if counts.count(span[0]) != 1 or counts.count(span[-1]) != 1:
+        context_words = context.split()
+        if context_words.count(span[0]) != 1 or context_words.count(span[-1]) != 1:
             continue  # a cue word that occurs twice would make the question ambiguous: draw again
         answer = " ".join(span)
         sentence_start = len(" ".join(sentences[:s])) + (1 if s else 0)

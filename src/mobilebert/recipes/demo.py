@@ -167,8 +167,9 @@ def finetune_work(plan: DemoPlan, checkpoint: str, tasks: Path, task: str, folde
     """Fine-tune one pre-trained model on one built-in task (its files written beforehand under `tasks`)."""
     from mobilebert.recipes.finetune import main
 
-    if BUILTIN_TASKS[task].format == "squad":  # windows no longer than the pre-training sequences (positions
-        # past those were never trained); the question is short, the rest of the window is context
+    # QA (its family's epochs): windows no longer than the pre-training sequences, whose later positions were never
+    # trained; the question is short, the rest of the window is context. The others: the plan's epochs.
+    if BUILTIN_TASKS[task].format == "squad":
         extra = ("--task.max_seq_length", str(plan.max_seq_length), "--task.doc_stride",
                  str(plan.max_seq_length // 2), "--task.max_query_length", str(plan.max_seq_length // 2), *extra)
     else:
