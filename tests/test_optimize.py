@@ -169,9 +169,9 @@ class CountOps(TorchDispatchMode):
 @pytest.mark.parametrize("variant", ["mobilebert", "mobilebert-tiny"])
 def test_fused_structure_of_a_nonorm_model(variant):
     """Per block: one matmul reads the block input, one makes Q and K (TINY: Q, K, V), SDPA, one matmul adding into
-    the attention residual, per FFN two matmuls, the second adding into the residual after one fused multiply-add
-    (`r*gamma + b`) over it, and the same for the output; nothing is copied.
-    NoNorm leaves no separate multiply or add behind; the padding mask is built once per forward."""
+    the attention residual, per FFN two matmuls, the second adding into the residual, and the same for the output;
+    nothing is copied. NoNorm leaves no multiply or add behind: the hidden states run scaled per channel and one
+    fused multiply-add restores the last one; the padding mask is built once per forward."""
     cfg = mb.MobileBertConfig(**{**TINY, **VARIANTS[variant]})
     fast = optimize_for_inference(build("Model", cfg))
     L, F_ = cfg.num_hidden_layers, cfg.num_feedforward_networks
@@ -183,10 +183,51 @@ def test_fused_structure_of_a_nonorm_model(variant):
     # ... and the residual steps (attention output, each FFN's down projection, the output) add into their residual
     assert counts["addmm_"] == L * (1 + F_ + 1)
     assert sum(n for name, n in counts.items() if "scaled_dot_product" in name) == L
-    tiny = variant == "mobilebert-tiny"  # there the bottleneck feeds Q, K, V too, so its residual needs a scale
-    assert counts["addcmul"] == L * (F_ + 1 + tiny) and "copy_" not in counts
+    assert counts["addcmul"] == 1 and "copy_" not in counts
     assert counts["masked_fill_"] == 1
-    assert not {"mul", "mul_", "layer_norm", "native_layer_norm", "cat", "dropout"} & set(counts)
+    assert counts["add"] == 1  # the embedding: token-type rows + position rows
+    assert not {"mul", "mul_", "add_", "layer_norm", "native_layer_norm", "cat", "dropout"} & set(counts)
+
+
+def test_no_mask_is_built_when_nothing_is_padded():
+    """SDPA runs faster without a mask; a mask of ones changes nothing, so none is built."""
+    eager = build("Model", mb.MobileBertConfig(**TINY))
+    fast = optimize_for_inference(eager)
+    batch = padded_batch(batch=1)
+    assert bool(batch["attention_mask"].all())
+    with torch.no_grad(), CountOps() as ops:
+        fast(**batch)
+    assert "masked_fill_" not in ops.counts
+    assert_same_outputs(fast, eager, batch)
+
+
+@pytest.mark.parametrize("variant", ["mobilebert", "mobilebert-tiny"])
+def test_scaled_hidden_states_hold_with_extreme_norm_scales(variant):
+    """The scaled representation divides by products of NoNorm gammas: gammas of 1e-3 (products down to 1e-13) and
+    of 10 (activations up to 1e10) still match eager, hidden states and partial depth included."""
+    cfg = mb.MobileBertConfig(**{**TINY, **VARIANTS[variant]})
+    for gamma in (1e-3, 10.0):
+        eager = build("Model", cfg)
+        with torch.no_grad():
+            for module in eager.modules():
+                if isinstance(module, mb.model.NoNorm):
+                    module.weight.mul_(gamma)
+        fast = optimize_for_inference(eager)
+        assert fast.hidden_scale is not None
+        assert_same_outputs(fast, eager, padded_batch())
+        with torch.no_grad():
+            ref = eager(**padded_batch(), num_layers=1).last_hidden_state
+            assert relative_error(fast(**padded_batch(), num_layers=1).last_hidden_state, ref) <= TOL
+
+
+def test_a_zero_norm_scale_keeps_hidden_states_unscaled():
+    """A NoNorm gamma of exactly 0 cannot be divided by: the model runs its residual steps unscaled, still exact."""
+    eager = build("Model", mb.MobileBertConfig(**TINY))
+    with torch.no_grad():
+        eager.layers[1].output_norm.weight[3] = 0.0
+    fast = optimize_for_inference(eager)
+    assert fast.hidden_scale is None
+    assert_same_outputs(fast, eager, padded_batch())
 
 
 def test_dtype_conversion_after_optimizing_keeps_outputs_right():

@@ -95,7 +95,7 @@ def residual(x: torch.Tensor, r: torch.Tensor, weight_t: torch.Tensor, bias: tor
     one pass over r (`r*gamma + b'`, or `r + b`) and a matmul that adds into it, instead of a copy of the bias
     into a new output, the matmul, and a pass that adds r.
     """
-    if reuse:
+    if reuse and not torch.jit.is_tracing():  # the ONNX exporter traces: no `out=`
         if bias is None:
             y = r.addmm_(x, weight_t)
         elif scale is not None:
@@ -193,7 +193,8 @@ class FusedEmbeddings(nn.Module):
         if self.trigram:
             if self.skip_padding and attention_mask is not None:
                 ids = ids.masked_fill(attention_mask == 0, self.zero_index)  # [PAD] shifts in as zeros
-            ids = F.pad(ids, (1, 1), value=self.zero_index).unfold(1, 3, 1)  # (B, T, 3): t-1, t, t+1
+            ids = F.pad(ids, (1, 1), value=self.zero_index)
+            ids = torch.stack([ids[:, :-2], ids[:, 1:-1], ids[:, 2:]], dim=2)  # (B, T, 3): t-1, t, t+1
         x = self.word(ids).view(B * T, -1)  # (N, 3E) or (N, E)
         if token_type_ids is None:
             base = self.position_type0[:T].expand(B, T, -1).reshape(B * T, -1)  # (N, D)
@@ -294,8 +295,9 @@ class FusedBlock(nn.Module):
             F_ = len(self.ffn_up_t)
             scales = [None] * F_ if self.ffn_scale is None else self.ffn_scale.unbind(0)
             norms = [None] * F_ if self.ffn_norms is None else list(self.ffn_norms)
+            down_biases = [None] * F_ if self.ffn_down_bias is None else self.ffn_down_bias.unbind(0)
             ffns = tuple(zip(self.ffn_up_t.unbind(0), self.ffn_up_bias.unbind(0), self.ffn_down_t.unbind(0),
-                             self.ffn_down_bias.unbind(0), scales, norms, strict=True))
+                             down_biases, scales, norms, strict=True))
             self._weights = BlockWeights(
                 self.in_t, self.in_bias, self.input_norm, self.qk_norm, self.qkv_t, self.qkv_bias,
                 (self.attention_t, self.attention_bias, self.attention_scale, self.attention_norm), ffns, self.act,
@@ -322,6 +324,65 @@ class FusedBlock(nn.Module):
         self._packed = w._replace(
             in_t=_pack(w.in_t), qkv_t=None if w.qkv_t is None else _pack(w.qkv_t), ffns=packed_ffns,
             attention=(_pack(w.attention[0]), *w.attention[1:]), output=(_pack(w.output[0]), *w.output[1:]))
+
+    def residual_scales(self, tau: torch.Tensor, shift: torch.Tensor) -> dict[str, torch.Tensor | None] | None:
+        """New buffers for a block whose input arrives as `h̃` with `h = tau*h̃ + shift` (per channel), such that
+        every residual step is a bare matmul that adds into its residual, and the output's (tau, shift).
+
+        A NoNorm residual step `y = z W' + b' + gamma*r` on `r = s*r̃ + c` is `y = s'*(r̃ + z W'/s') + c'` with
+        s' = gamma*s and c' = b' + gamma*c: keep r̃ and carry (s', c') to the consumers, whose weight rows take
+        s' and whose biases take c' W. So no pass of `r*gamma + b` is left: the matmul's own accumulate does it.
+        None where a LayerNorm stays or a scale would leave float range (gamma 0): the block is kept as is.
+        """
+        if self.input_norm is not None or self.qk_norm is not None or self.ffn_norms is not None \
+                or self.attention_norm is not None or self.output_norm is not None:
+            return None
+        f64 = torch.float64
+        new: dict[str, torch.Tensor | None] = {}
+        scales = []
+
+        def consume(name: str, weight_t: torch.Tensor, bias: torch.Tensor, s: torch.Tensor, c: torch.Tensor):
+            w = weight_t.to(f64)
+            new[f"{name}_bias"] = bias.to(f64) + c @ w
+            new[f"{name}_t"] = w * s[:, None]
+
+        def accumulate(name: str, weight_t: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None,
+                       s: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            w = new.get(f"{name}_t", weight_t.to(f64))
+            if gamma is None:  # pre-folded (bias None): the residual already holds the bias and NoNorm
+                assert bias is None
+                return s, c
+            gamma = gamma.to(f64)
+            s, c = gamma * s, new.pop(f"{name}_bias", bias.to(f64)) + gamma * c
+            scales.append(s)
+            new[f"{name}_t"], new[f"{name}_bias"], new[f"{name}_scale"] = w / s[None, :], None, None
+            return s, c
+
+        tau, shift = tau.to(f64), shift.to(f64)
+        consume("in", self.in_t, self.in_bias, tau, shift)
+        ones, zeros = torch.ones(self.width, dtype=f64), torch.zeros(self.width, dtype=f64)
+        s, c = accumulate("attention", self.attention_t, self.attention_bias, self.attention_scale, ones, zeros)
+        ups, up_biases, downs = [], [], []
+        for k in range(len(self.ffn_up_t)):
+            consume("up", self.ffn_up_t[k], self.ffn_up_bias[k], s, c)
+            s, c = accumulate("down", self.ffn_down_t[k], self.ffn_down_bias[k], self.ffn_scale[k], s, c)
+            ups.append(new.pop("up_t")), up_biases.append(new.pop("up_bias")), downs.append(new.pop("down_t"))
+            del new["down_bias"], new["down_scale"]
+        new.update(ffn_up_t=torch.stack(ups), ffn_up_bias=torch.stack(up_biases), ffn_down_t=torch.stack(downs),
+                   ffn_down_bias=None, ffn_scale=None)
+        consume("output", self.output_t, self.output_bias, s, c)
+        tau, shift = accumulate("output", self.output_t, self.output_bias, self.output_scale, tau, shift)
+        if not all(torch.isfinite(t).all() and t.abs().min() > 1e-30 and t.abs().max() < 1e30 for t in scales):
+            return None
+        new["tau"], new["shift"] = tau, shift
+        return new
+
+    def set_buffers(self, new: dict[str, torch.Tensor | None]) -> None:
+        """Replace buffers by name (each cast to its old dtype); drops the cached weight views."""
+        for name, value in new.items():
+            old = getattr(self, name)
+            setattr(self, name, None if value is None else value.to(old.dtype).contiguous())
+        self._weights = self._packed = None
 
     def split_heads(self, t: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, ...]:
         """(N, n*I) -> n views (B, H, T, I/H): no copies."""
@@ -385,6 +446,33 @@ class FusedMobileBert(nn.Module):
         self.layers = nn.ModuleList([FusedBlock(block) for block in model.layers])
         self.has_pooler = model.has_pooler
         self.pooler = copy.deepcopy(model.pooler)
+        self._scale_residuals()
+
+    def _scale_residuals(self) -> None:
+        """Where every norm is NoNorm, run the blocks on scaled hidden states (`FusedBlock.residual_scales`):
+        layer l's hidden state is `hidden_scale[l] * h̃ + hidden_shift[l]`, restored once at the end."""
+        D = self.config.hidden_size
+        tau, shift = torch.ones(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
+        plans, taus, shifts = [], [tau], [shift]
+        for block in self.layers:
+            new = block.residual_scales(tau, shift)
+            if new is None:
+                self.register_buffer("hidden_scale", None)
+                self.register_buffer("hidden_shift", None)
+                return
+            tau, shift = new.pop("tau"), new.pop("shift")
+            plans.append(new), taus.append(tau), shifts.append(shift)
+        for block, new in zip(self.layers, plans, strict=True):
+            block.set_buffers(new)
+        dtype = self.embeddings.weight_t.dtype
+        self.register_buffer("hidden_scale", torch.stack(taus).to(dtype))  # (L+1, D)
+        self.register_buffer("hidden_shift", torch.stack(shifts).to(dtype))  # (L+1, D)
+
+    def _restore(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """Layer `layer`'s true hidden state from the scaled one the blocks pass on."""
+        if self.hidden_scale is None or layer == 0:
+            return h
+        return torch.addcmul(self.hidden_shift[layer], h, self.hidden_scale[layer])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
@@ -399,14 +487,19 @@ class FusedMobileBert(nn.Module):
             raise UserError(f"num_layers={num_layers} is outside 0..{len(self.layers)}")
         B, T = input_ids.shape
         h = self.embeddings(input_ids, token_type_ids, attention_mask)  # (N, D)
-        mask = None  # additive (B, 1, 1, T): 0 for real keys, -inf for padding; built once for all blocks
-        if attention_mask is not None:
+        # additive (B, 1, 1, T): 0 for real keys, -inf for padding; built once for all blocks, and not at all without
+        # padding (SDPA is faster without a mask) unless tracing for export, where the example's case would stick
+        mask = None
+        if attention_mask is not None and (torch.jit.is_tracing() or not bool(attention_mask.all())):
             mask = h.new_zeros(B, 1, 1, T).masked_fill_(attention_mask[:, None, None, :] == 0, float("-inf"))
         hidden = [h]
         for block in self.layers[:num_layers]:
             h = block(h, mask, B, T, keep_input=output_hidden_states)
             if output_hidden_states:
                 hidden.append(h)
+        h = self._restore(h, len(hidden) - 1 if output_hidden_states else len(self.layers[:num_layers]))
+        if output_hidden_states:
+            hidden = [self._restore(t, layer) for layer, t in enumerate(hidden[:-1])] + [h]
         h = h.view(B, T, -1)  # (B, T, D)
         pooled = None
         if self.has_pooler:
