@@ -71,6 +71,21 @@ def test_onnx_matches_eager_for_every_variant(variant, cls, tmp_path):
     assert_onnx_parity(model, path)
 
 
+@pytest.mark.parametrize("variant", ["mobilebert", "ib-bert"])
+def test_eager_graph_export_matches_too_and_is_the_larger_graph(variant, tmp_path):
+    """optimize=False exports the eager model's own graph: same outputs, more nodes (NoNorm as Mul and Add, the
+    projections separate)."""
+    model = randomize(mb.MobileBertForPreTraining(mb.MobileBertConfig(**{**TINY, **VARIANTS[variant]}))).eval()
+    eager = export_onnx(model, tmp_path / "eager.onnx", max_seq_length=EXPORT_LENGTH, optimize=False)
+    fused = export_onnx(model, tmp_path / "fused.onnx", max_seq_length=EXPORT_LENGTH)
+    assert_onnx_parity(model, eager)
+    nodes = {path.stem: len(onnx.load(str(path)).graph.node) for path in (eager, fused)}
+    assert nodes["fused"] < nodes["eager"]
+    ops = {path.stem: [n.op_type for n in onnx.load(str(path)).graph.node] for path in (eager, fused)}
+    assert ops["eager"].count("MatMul") + ops["eager"].count("Gemm") > ops["fused"].count("MatMul") + ops[
+        "fused"].count("Gemm")
+
+
 @pytest.mark.parametrize("name", sorted(TASK_MODELS))
 def test_onnx_matches_eager_for_every_head(name, tmp_path):
     cfg = mb.MobileBertConfig(**TINY, id2label={0: "a", 1: "b", 2: "c"})
@@ -283,7 +298,7 @@ def test_export_command_rejects_bad_input(checkpoint, tmp_path):
         run_export([str(path), "--out", str(tmp_path / "o"), "--calibration-text", str(tmp_path / "none.txt")])
     namespace = argparse.Namespace(checkpoint=str(path), out=str(tmp_path / "o"), format="tflite", task=None,
                                    max_seq_length=128, calibration=8, calibration_text=None,
-                                   calibration_method="minmax", opset=17, threads=None)
+                                   calibration_method="minmax", opset=17, threads=None, optimize=True)
     with pytest.raises(mb.UserError, match="unknown format 'tflite'"):
         export_recipe.main(namespace)
     with pytest.raises(SystemExit):  # the command line refuses it before main runs

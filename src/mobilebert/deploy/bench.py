@@ -1,8 +1,9 @@
 """`mobilebert bench`: latency and throughput of every way to run MobileBERT, against references, in one process.
 
 Backends share the same random (or given) weights and the same inputs; each is checked against eager before it is
-timed. Timing follows BENCHMARKING.md: threads pinned for every runtime (ONNX Runtime without spinning), warm-up,
-then repetitions interleaved across backends so machine drift hits all alike; median and p90 per backend.
+timed. Timing follows BENCHMARKING.md: threads pinned for every runtime (ONNX Runtime spinning only while a run
+lasts), warm-up, then repetitions interleaved across backends so machine drift hits all alike; median and p90 per
+backend.
 """
 
 from __future__ import annotations

@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile"])
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: its own choice)")
+    parser.add_argument("--no-optimize", dest="optimize", action="store_false",
+                        help="export the eager model's graph instead of optimize_for_inference's (same outputs; the "
+                             "optimized graph has NoNorm folded and the projections fused, and runs faster)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -126,7 +129,8 @@ def export(model: nn.Module, args: argparse.Namespace, out: Path, tokenizer: Tok
         path = out / FORMATS["torch-int8"]
         atomic_write(path, lambda p: torch.save(quantized.state_dict(), p))
         return {path.name: file_size(path)}, state_dict_size(model), {"int8": lambda b: eager_outputs(quantized, b)}
-    fp32 = export_onnx(model, out / FORMATS["onnx"], opset=args.opset, max_seq_length=args.max_seq_length)
+    fp32 = export_onnx(model, out / FORMATS["onnx"], opset=args.opset, max_seq_length=args.max_seq_length,
+                       optimize=args.optimize)
     paths = {"fp32": fp32}
     if args.format == "onnx-int8":
         paths["int8"] = quantize_onnx_dynamic(fp32, out / FORMATS["onnx-int8"])
