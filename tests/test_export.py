@@ -222,6 +222,21 @@ def test_quantization_aware_fine_tuning_round_trip():
     assert relative_error(fake, real) < 0.05  # the same weights, with and without int8 rounding
 
 
+def test_a_qat_model_saves_and_loads_as_a_plain_checkpoint(tmp_path):
+    """The fake-quantizers' range statistics stay out of state dicts: same keys as the plain model, strict loads."""
+    model = randomize(mb.MobileBertForSequenceClassification(mb.preset("mobilebert-test")), std=0.1)
+    qat = prepare_qat(model)
+    assert list(qat.state_dict()) == list(model.state_dict())
+    qat.load_state_dict(model.state_dict(), strict=True)
+    qat.save_pretrained(tmp_path / "qat")
+    loaded = mb.MobileBertForSequenceClassification.from_pretrained(tmp_path / "qat")
+    assert loaded.config.hidden_act == "relu6" and any(type(m) is nn.ReLU6 for m in loaded.modules())
+    batch = padded_batch()
+    with torch.no_grad():
+        expected = finish_qat(qat.eval())(**batch).logits
+        np.testing.assert_allclose(loaded.eval()(**batch).logits.numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
 # ---- the export command ----
 
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "what does the fox say to the dog",

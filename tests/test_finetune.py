@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from test_glue import FILES, write_files
 
 from mobilebert.config import preset
@@ -127,6 +128,23 @@ def test_search_runs_every_combination_and_seed_and_resumes(checkpoint, data_dir
     stamps = {p: p.stat().st_mtime for p in out.glob("trials/*/final/model.safetensors")}
     assert run_cli(*args, "--resume", cwd=tmp_path).returncode == 0
     assert {p: p.stat().st_mtime for p in stamps} == stamps
+
+
+def test_quantization_aware_finetuning_writes_a_plain_relu6_checkpoint_that_exports_to_int8(checkpoint, data_dirs,
+                                                                                           tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("finetune", "--checkpoint", str(checkpoint), "--task", "sst2", "--task.data_dir",
+                     str(data_dirs / "glue"), *FAST, "--model.qat", "true", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["hidden_act"] == "relu6"
+    with safe_open(out / "final" / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert names and not [k for k in names if "fake_quant" in k]
+    result = run_cli("export", str(out / "final"), "--format", "onnx-int8", "--out", str(tmp_path / "int8"),
+                     "--max-seq-length", "32", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["fp32_ok"]
 
 
 def test_evaluate_scores_a_finetuned_checkpoint(checkpoint, data_dirs, tmp_path):

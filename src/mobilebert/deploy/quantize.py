@@ -151,11 +151,26 @@ def load_torch_int8(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 # ---- quantization-aware fine-tuning (MOBILEBERT.md §5) ----
 
+_QUANTIZERS = ("input_fake_quant.", "weight_fake_quant.")  # FakeQuantLinear's children
+
+
+def _drop_quantizers(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state_dict if k.startswith(tuple(prefix + q for q in _QUANTIZERS))]:
+        del state_dict[key]
+
+
+def _quantizers_not_missing(module: nn.Module, incompatible_keys) -> None:
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
+                                         if not any(q in k for q in _QUANTIZERS)]
+
+
 class FakeQuantLinear(nn.Module):
     """An nn.Linear that trains through int8 rounding of its input (per tensor, moving-average range, as dynamic
     quantization will see it) and its weight (per output channel, symmetric): straight-through gradients.
 
-    Keeps the Linear's `weight` and `bias` parameters under the same names, so optimizers and state dicts still fit.
+    Keeps the Linear's `weight` and `bias` parameters under the same names, so optimizers and state dicts still fit:
+    the fake-quantizers' range statistics stay out of the state dict (a checkpoint of a QAT model is a plain
+    checkpoint; a resumed run gathers the ranges again within its first steps).
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -168,6 +183,8 @@ class FakeQuantLinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
         self.input_fake_quant = default_fused_act_fake_quant()
         self.weight_fake_quant = default_fused_per_channel_wt_fake_quant()
+        self.register_state_dict_post_hook(_drop_quantizers)
+        self.register_load_state_dict_post_hook(_quantizers_not_missing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_fake_quant(x), self.weight_fake_quant(self.weight), self.bias)

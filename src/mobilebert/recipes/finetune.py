@@ -49,6 +49,9 @@ from mobilebert.train.rundir import RunDir
 @dataclass
 class ModelOptions:
     checkpoint: str | None = None  # a checkpoint folder (e.g. runs/student/final) or a hub id
+    # Quantization-aware fine-tuning: every Linear trains through int8 rounding and ReLU becomes ReLU6 (the official
+    # int8 recipe); OUT/final is a plain checkpoint with hidden_act relu6, for `mobilebert export --format onnx-int8`.
+    qat: bool = False
 
 
 @dataclass
@@ -150,6 +153,10 @@ def run_trial(trial: Trial, options: FinetuneOptions, task: Task, tokenizer: Tok
     model = load_model(task, options.model.checkpoint)
     if task.kind == "regression":
         start_at_label_mean(model, train)
+    if options.model.qat:
+        from mobilebert.deploy.quantize import prepare_qat  # here: it imports onnx, which plain runs do not need
+
+        model = prepare_qat(model)
     engine = Engine(model, train_options, run, dist, tokenizer=tokenizer,
                     evaluate=lambda: dev_scores(model, dev, tokenizer, settings, options.task.eval_batch_size,
                                                 dist.device))
