@@ -123,9 +123,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = DEFAULT_
     with eval_mode(model):
         example = example_batch(model, length=max_seq_length)
         names = list(eager_outputs(model, example))
-        traced = model
-        if optimize:
-            traced = optimize_for_inference(model)
+        traced = optimize_for_inference(model) if optimize else model
         # eval() matters: the exporter sets the wrapper's own mode back afterwards, recursively, so a wrapper left
         # in (default) training mode would switch the model's attention dropout on for every later call.
         wrapper = _Exportable(traced, names).eval()

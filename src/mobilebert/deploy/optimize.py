@@ -4,12 +4,15 @@ Every rewrite is exact algebra; outputs differ from eager only by float rounding
 
 - NoNorm (`y = x*gamma + beta`, per channel) is folded into the Linear before it. Where a residual follows,
   `Norm(W x + b + r)` becomes `W' x + b' + r*gamma`: one matmul-add and one fused multiply-add (`addcmul_`).
+  Where every norm is NoNorm (MobileBERT, TINY) even that multiply-add goes: the hidden states run scaled per
+  channel (`h = tau*h̃ + c`), every residual step is one matmul accumulating into its residual, and one
+  multiply-add restores the true hidden state at the end (`FusedBlock.residual_scales`).
 - Where a block's bottleneck `x` is only the attention residual (MobileBERT, w/o OPT, IB-BERT), the attention
   norm's gamma and beta and the output projection's bias are folded into the rows that produce `x`, so the
   attention output is a single `addmm(x, context, W)` (LayerNorm: the bias goes into the input norm's beta).
 - The projections that read the block input (input bottleneck, shared Q/K bottleneck, value; for IB-BERT also
   query and key) are one matmul whose output is split; query and key (TINY: and value) are one matmul.
-- Attention is SDPA with one additive padding mask built per forward, not per layer.
+- Attention is SDPA with one additive padding mask built per forward, not per layer (none without padding).
 - The embedding's NoNorm, the projection bias and the position/token-type tables are folded into two tables;
   the trigram window is one gather from the word table (plus a zero row for the sequence ends).
 - The MLM decoder's tied and extra columns are one (V, D) matrix: one matmul instead of two and an add.
@@ -338,40 +341,40 @@ class FusedBlock(nn.Module):
                 or self.attention_norm is not None or self.output_norm is not None:
             return None
         f64 = torch.float64
-        new: dict[str, torch.Tensor | None] = {}
-        scales = []
 
-        def consume(name: str, weight_t: torch.Tensor, bias: torch.Tensor, s: torch.Tensor, c: torch.Tensor):
+        def read(weight_t: torch.Tensor, bias: torch.Tensor, s: torch.Tensor, c: torch.Tensor):
+            """(W, b) of a matmul reading r = s*r̃ + c, as one reading r̃."""
             w = weight_t.to(f64)
-            new[f"{name}_bias"] = bias.to(f64) + c @ w
-            new[f"{name}_t"] = w * s[:, None]
+            return w * s[:, None], bias.to(f64) + c @ w
 
-        def accumulate(name: str, weight_t: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None,
-                       s: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            w = new.get(f"{name}_t", weight_t.to(f64))
-            if gamma is None:  # pre-folded (bias None): the residual already holds the bias and NoNorm
-                assert bias is None
-                return s, c
-            gamma = gamma.to(f64)
-            s, c = gamma * s, new.pop(f"{name}_bias", bias.to(f64)) + gamma * c
+        def add_into(weight_t: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, s: torch.Tensor,
+                     c: torch.Tensor):
+            """W of `y = z W + b + gamma*r` as a matmul adding into r̃, and y's (s', c')."""
+            s, c = gamma.to(f64) * s, bias.to(f64) + gamma.to(f64) * c
+            return weight_t.to(f64) / s[None, :], s, c
+
+        new: dict[str, torch.Tensor | None] = {}
+        new["in_t"], new["in_bias"] = read(self.in_t, self.in_bias, tau.to(f64), shift.to(f64))
+        s, c = torch.ones(self.width, dtype=f64), torch.zeros(self.width, dtype=f64)
+        scales = []
+        if self.attention_scale is not None:  # else pre-folded: x already holds the bias and NoNorm, a = x exactly
+            new["attention_t"], s, c = add_into(self.attention_t, self.attention_bias, self.attention_scale, s, c)
+            new["attention_bias"] = new["attention_scale"] = None
             scales.append(s)
-            new[f"{name}_t"], new[f"{name}_bias"], new[f"{name}_scale"] = w / s[None, :], None, None
-            return s, c
-
-        tau, shift = tau.to(f64), shift.to(f64)
-        consume("in", self.in_t, self.in_bias, tau, shift)
-        ones, zeros = torch.ones(self.width, dtype=f64), torch.zeros(self.width, dtype=f64)
-        s, c = accumulate("attention", self.attention_t, self.attention_bias, self.attention_scale, ones, zeros)
         ups, up_biases, downs = [], [], []
         for k in range(len(self.ffn_up_t)):
-            consume("up", self.ffn_up_t[k], self.ffn_up_bias[k], s, c)
-            s, c = accumulate("down", self.ffn_down_t[k], self.ffn_down_bias[k], self.ffn_scale[k], s, c)
-            ups.append(new.pop("up_t")), up_biases.append(new.pop("up_bias")), downs.append(new.pop("down_t"))
-            del new["down_bias"], new["down_scale"]
+            up, up_bias = read(self.ffn_up_t[k], self.ffn_up_bias[k], s, c)
+            down, s, c = add_into(self.ffn_down_t[k], self.ffn_down_bias[k], self.ffn_scale[k], s, c)
+            ups.append(up)
+            up_biases.append(up_bias)
+            downs.append(down)
+            scales.append(s)
         new.update(ffn_up_t=torch.stack(ups), ffn_up_bias=torch.stack(up_biases), ffn_down_t=torch.stack(downs),
                    ffn_down_bias=None, ffn_scale=None)
-        consume("output", self.output_t, self.output_bias, s, c)
-        tau, shift = accumulate("output", self.output_t, self.output_bias, self.output_scale, tau, shift)
+        output, output_bias = read(self.output_t, self.output_bias, s, c)
+        new["output_t"], tau, shift = add_into(output, output_bias, self.output_scale, tau.to(f64), shift.to(f64))
+        new["output_bias"] = new["output_scale"] = None
+        scales.append(tau)
         if not all(torch.isfinite(t).all() and t.abs().min() > 1e-30 and t.abs().max() < 1e30 for t in scales):
             return None
         new["tau"], new["shift"] = tau, shift
@@ -421,7 +424,6 @@ class FusedBlock(nn.Module):
             a = residual(w.act(torch.addmm(up_bias, a, up_t)), a, *down, reuse=True)
         return residual(a, h, *w.output, reuse=not keep_input)  # (N, D)
 
-
     def _packed_forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int,
                         keep_input: bool) -> torch.Tensor:
         """`forward` on the packed weights."""
@@ -461,7 +463,9 @@ class FusedMobileBert(nn.Module):
                 self.register_buffer("hidden_shift", None)
                 return
             tau, shift = new.pop("tau"), new.pop("shift")
-            plans.append(new), taus.append(tau), shifts.append(shift)
+            plans.append(new)
+            taus.append(tau)
+            shifts.append(shift)
         for block, new in zip(self.layers, plans, strict=True):
             block.set_buffers(new)
         dtype = self.embeddings.weight_t.dtype
@@ -492,12 +496,12 @@ class FusedMobileBert(nn.Module):
         mask = None
         if attention_mask is not None and (torch.jit.is_tracing() or not bool(attention_mask.all())):
             mask = h.new_zeros(B, 1, 1, T).masked_fill_(attention_mask[:, None, None, :] == 0, float("-inf"))
-        hidden = [h]
-        for block in self.layers[:num_layers]:
+        hidden, layers = [h], self.layers[:num_layers]
+        for block in layers:
             h = block(h, mask, B, T, keep_input=output_hidden_states)
             if output_hidden_states:
                 hidden.append(h)
-        h = self._restore(h, len(hidden) - 1 if output_hidden_states else len(self.layers[:num_layers]))
+        h = self._restore(h, len(layers))
         if output_hidden_states:
             hidden = [self._restore(t, layer) for layer, t in enumerate(hidden[:-1])] + [h]
         h = h.view(B, T, -1)  # (B, T, D)
