@@ -45,6 +45,50 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours.float() - reference.float()).abs().max() / reference.float().abs().max().clamp_min(1e-30)).item()
 
 
+HEADS = ["Model", "PreTraining", "MaskedLM", "NextSentencePrediction", "SequenceClassification", "MultipleChoice",
+         "TokenClassification", "QuestionAnswering"]
+OUTPUT_FIELDS = ("last_hidden_state", "pooler_output", "prediction_logits", "seq_relationship_logits", "logits",
+                 "start_logits", "end_logits")
+
+
+def build(head: str, cfg, seed: int = 0) -> torch.nn.Module:
+    """A randomized eval-mode model of `head` ("Model" for the backbone, else `MobileBertFor{head}`)."""
+    import mobilebert as mb
+
+    cls = mb.MobileBertModel if head == "Model" else getattr(mb, f"MobileBertFor{head}")
+    return randomize(cls(cfg), seed=seed).eval()
+
+
+def inputs_for(head: str, **kwargs) -> dict:
+    batch = padded_batch(**kwargs)
+    if head == "MultipleChoice":  # one question with three choices: (1, C, T)
+        batch = {k: v.unsqueeze(0) for k, v in batch.items()}
+    return batch
+
+
+def assert_same_outputs(fast, eager, batch: dict, hidden_states: bool = True, tol: float = 1e-4) -> None:
+    """Every output field (and hidden state) of `fast` within `tol` relative error of eager's; no loss."""
+    with torch.no_grad():
+        ref = eager(**batch, output_hidden_states=hidden_states)
+        out = fast(**batch, output_hidden_states=hidden_states)
+    assert type(out) is type(ref)
+    compared = 0
+    for name in OUTPUT_FIELDS:
+        expected = getattr(ref, name, None)
+        assert (getattr(out, name, None) is None) == (expected is None), name
+        if expected is not None:
+            assert getattr(out, name).shape == expected.shape, name
+            err = relative_error(getattr(out, name), expected)
+            assert err <= tol, f"{name}: relative error {err:.2e}"
+            compared += 1
+    assert compared >= 1
+    if hidden_states:
+        assert len(out.hidden_states) == len(ref.hidden_states)
+        for i, (mine, theirs) in enumerate(zip(out.hidden_states, ref.hidden_states, strict=True)):
+            assert relative_error(mine, theirs) <= tol, f"hidden state {i}"
+    assert getattr(out, "loss", None) is None
+
+
 @pytest.fixture
 def tiny_cfg():
     import mobilebert as mb

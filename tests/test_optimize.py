@@ -7,57 +7,19 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import TINY, VARIANTS, padded_batch, randomize, relative_error
+from conftest import HEADS, TINY, VARIANTS, assert_same_outputs, build, inputs_for, padded_batch, relative_error
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mobilebert as mb
 from mobilebert.deploy.optimize import onednn_bf16, optimize_for_inference
 
 TOL = 1e-4  # the bound, fp32
-HEADS = ["Model", "PreTraining", "MaskedLM", "NextSentencePrediction", "SequenceClassification", "MultipleChoice",
-         "TokenClassification", "QuestionAnswering"]
-OUTPUT_FIELDS = ("last_hidden_state", "pooler_output", "prediction_logits", "seq_relationship_logits", "logits",
-                 "start_logits", "end_logits")
 # Beyond the four architectures: the embedding's other paths.
 EXTRA_VARIANTS = {
     "skip-padding": dict(trigram_skip_padding=True),
     "no-trigram": dict(trigram_input=False, embedding_size=32),  # E == D: no projection at all
     "no-trigram-projected": dict(trigram_input=False),
 }
-
-
-def build(head: str, cfg: mb.MobileBertConfig, seed: int = 0) -> torch.nn.Module:
-    cls = mb.MobileBertModel if head == "Model" else getattr(mb, f"MobileBertFor{head}")
-    return randomize(cls(cfg), seed=seed).eval()
-
-
-def inputs_for(head: str, **kwargs) -> dict:
-    batch = padded_batch(**kwargs)
-    if head == "MultipleChoice":  # one question with three choices: (1, C, T)
-        batch = {k: v.unsqueeze(0) for k, v in batch.items()}
-    return batch
-
-
-def assert_same_outputs(fast, eager, batch: dict, hidden_states: bool = True) -> None:
-    with torch.no_grad():
-        ref = eager(**batch, output_hidden_states=hidden_states)
-        out = fast(**batch, output_hidden_states=hidden_states)
-    assert type(out) is type(ref)
-    compared = 0
-    for name in OUTPUT_FIELDS:
-        expected = getattr(ref, name, None)
-        assert (getattr(out, name, None) is None) == (expected is None), name
-        if expected is not None:
-            assert getattr(out, name).shape == expected.shape, name
-            err = relative_error(getattr(out, name), expected)
-            assert err <= TOL, f"{name}: relative error {err:.2e}"
-            compared += 1
-    assert compared >= 1
-    if hidden_states:
-        assert len(out.hidden_states) == len(ref.hidden_states)
-        for i, (mine, theirs) in enumerate(zip(out.hidden_states, ref.hidden_states, strict=True)):
-            assert relative_error(mine, theirs) <= TOL, f"hidden state {i}"
-    assert getattr(out, "loss", None) is None
 
 
 @pytest.mark.parametrize("pooler", [False, True])

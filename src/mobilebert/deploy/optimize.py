@@ -98,7 +98,7 @@ def residual(x: torch.Tensor, r: torch.Tensor, weight_t: torch.Tensor, bias: tor
     one pass over r (`r*gamma + b'`, or `r + b`) and a matmul that adds into it, instead of a copy of the bias
     into a new output, the matmul, and a pass that adds r.
     """
-    if reuse and not torch.jit.is_tracing():  # the ONNX exporter traces: no `out=`
+    if reuse and not torch.jit.is_tracing() and not torch.compiler.is_compiling():  # traced / compiled: no `out=`
         if bias is None:
             y = r.addmm_(x, weight_t)
         elif scale is not None:
@@ -492,9 +492,10 @@ class FusedMobileBert(nn.Module):
         B, T = input_ids.shape
         h = self.embeddings(input_ids, token_type_ids, attention_mask)  # (N, D)
         # additive (B, 1, 1, T): 0 for real keys, -inf for padding; built once for all blocks, and not at all without
-        # padding (SDPA is faster without a mask) unless tracing for export, where the example's case would stick
+        # padding (SDPA is faster without a mask) unless traced or compiled, where the example's case would stick
         mask = None
-        if attention_mask is not None and (torch.jit.is_tracing() or not bool(attention_mask.all())):
+        if attention_mask is not None and (torch.jit.is_tracing() or torch.compiler.is_compiling()
+                                           or not bool(attention_mask.all())):
             mask = h.new_zeros(B, 1, 1, T).masked_fill_(attention_mask[:, None, None, :] == 0, float("-inf"))
         hidden, layers = [h], self.layers[:num_layers]
         for block in layers:
