@@ -10,9 +10,10 @@
 - Every FFN's weights on their own storage (`compile_for_inference`): the optimized model keeps them as views of
   stacked buffers, and inductor's GEMM-template weight packing (torch 2.13) reads a view from its storage's start.
 
-Compiling takes seconds for the tiny presets and about a minute for MobileBERT in bf16 (mostly autotuning), once
-per input shape: batch and sequence length are compiled in as constants, so pad to a few fixed lengths when serving.
-Inductor needs a C++ compiler at run time (it builds its kernels on first call).
+Compiling takes seconds for the tiny presets and one to two minutes for MobileBERT in bf16 (mostly autotuning), on
+the first call and again for the first new input shape (see `compile_for_inference`'s `dynamic`). Measured on
+MobileBERT bf16, 2 threads: the first shape's graph 12.0 ms at 1×128; the symbolic-shape graph that follows,
+17.2 ms at 2×100 and 25.6 ms at 3×128. Inductor needs a C++ compiler at run time (it builds its kernels then).
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ class CompiledModel(nn.Module):
     a new input shape) sees them, and the caller's own `torch.compile` work keeps its settings.
     """
 
-    def __init__(self, fused: nn.Module, settings: dict[str, Any]) -> None:
+    def __init__(self, fused: nn.Module, settings: dict[str, Any], dynamic: bool | None = None) -> None:
         super().__init__()
         self.fused = fused
         self.settings = settings
-        self._forward = torch.compile(fused, dynamic=False)
+        self._forward = torch.compile(fused, dynamic=dynamic)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from torch._inductor import config
@@ -53,12 +54,18 @@ class CompiledModel(nn.Module):
             return self._forward(*args, **kwargs)
 
 
-def compile_for_inference(model: nn.Module, dtype: torch.dtype | None = None) -> CompiledModel:
+def compile_for_inference(model: nn.Module, dtype: torch.dtype | None = None,
+                          dynamic: bool | None = None) -> CompiledModel:
     """`optimize_for_inference(model)` compiled by inductor for CPU inference; `model` is left untouched.
 
     Takes what `optimize_for_inference` takes (the backbone or any task model) and returns a module with the same
     forward. `dtype=torch.bfloat16` converts the weights once; on a CPU with AMX inductor's C++ GEMM templates
-    then run every matmul (about 1e-2 relative error: bf16 keeps 8 mantissa bits). Compiles on the first call.
+    then run every matmul (about 1e-2 relative error: bf16 keeps 8 mantissa bits).
+
+    Compiles on the first call, for that input shape. `dynamic` is `torch.compile`'s: None (default) compiles a
+    second graph with symbolic batch and length when a new shape comes, and reuses it for any later one (batch 1
+    keeps graphs of its own); False compiles every shape on its own (fastest per shape, up to dynamo's recompile
+    limit, then eager); True starts symbolic.
     """
     dtype = dtype or torch.float32
     fused = optimize_for_inference(model).to(dtype)  # unpacked: inductor packs the frozen weights itself
@@ -69,4 +76,4 @@ def compile_for_inference(model: nn.Module, dtype: torch.dtype | None = None) ->
             # view of the stacked (F, ...) buffers from its storage's start, so every FFN would get the first's weights
             block._weights = w._replace(ffns=tuple(tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ffn)
                                                    for ffn in w.ffns))
-    return CompiledModel(fused, inductor_settings(dtype))
+    return CompiledModel(fused, inductor_settings(dtype), dynamic)
