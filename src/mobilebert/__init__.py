@@ -1,6 +1,7 @@
 """mobilebert: MobileBERT (Sun et al., ACL 2020) end to end in PyTorch."""
 
 from mobilebert.config import PRESETS, MobileBertConfig, preset
+from mobilebert.deploy.compiled import compile_for_inference
 from mobilebert.deploy.optimize import optimize_for_inference
 from mobilebert.errors import UserError
 from mobilebert.heads import (
@@ -29,6 +30,7 @@ __all__ = [
     "MobileBertForTokenClassification",
     "MobileBertModel",
     "UserError",
+    "compile_for_inference",
     "count_flops",
     "count_parameters",
     "optimize_for_inference",

@@ -26,7 +26,8 @@ from torch import nn
 from mobilebert.deploy.optimize import FusedBlock, cpu_bf16, optimize_for_inference
 
 FROZEN = {"freezing": True}
-AMX_GEMM = {**FROZEN, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+AMX_GEMM = {**FROZEN, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+            "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # no per-matmul report
 
 
 def inductor_settings(dtype: torch.dtype) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -236,3 +237,18 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike, batch: dict[str
     """The largest relative error of any output of the ONNX file against eager `model` on `batch`."""
     reference = eager_outputs(model, batch)
     return max(relative_errors(OnnxModel(onnx_path, threads)(**batch), reference).values())
+
+
+class OnnxTaskModel:
+    """An `OnnxModel` called like our task models, as `downstream.predict` does: outputs as attributes holding
+    torch tensors (`.logits`, `.start_logits`, ...)."""
+
+    def __init__(self, session: OnnxModel) -> None:
+        self.session = session
+
+    def eval(self) -> OnnxTaskModel:
+        return self
+
+    def __call__(self, input_ids, attention_mask, token_type_ids) -> SimpleNamespace:
+        outputs = self.session(input_ids, attention_mask, token_type_ids)
+        return SimpleNamespace(**{k: torch.as_tensor(v) for k, v in outputs.items()})

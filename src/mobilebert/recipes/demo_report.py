@@ -13,7 +13,6 @@ import platform
 import re
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ def deploy_stage(plan, out: Path) -> Callable[[Path], dict]:
 
     def work(folder: Path) -> dict:
         from mobilebert.data.tasks import get_task
-        from mobilebert.deploy.export import OnnxModel, export_onnx
+        from mobilebert.deploy.export import OnnxModel, OnnxTaskModel, export_onnx
         from mobilebert.deploy.optimize import optimize_for_inference
         from mobilebert.deploy.quantize import quantize_onnx_dynamic
         from mobilebert.downstream import TaskSettings, load_model, load_split, predict, score
@@ -52,7 +51,7 @@ def deploy_stage(plan, out: Path) -> Callable[[Path], dict]:
             int8 = quantize_onnx_dynamic(fp32, folder / name / "model-int8.onnx")
             tokenizer = Tokenizer.from_pretrained(model_dir)
             dev = load_split(task, "validation", str(out / "tasks" / name), tokenizer, settings, training=False)
-            metrics = score(dev, predict(_OnnxAdapter(OnnxModel(int8, threads=torch.get_num_threads())), dev,
+            metrics = score(dev, predict(OnnxTaskModel(OnnxModel(int8, threads=torch.get_num_threads())), dev,
                                          tokenizer, settings), settings)
             bf16 = optimize_for_inference(model, dtype=torch.bfloat16)
             results[name] = {"metrics": metrics, "fp32_bytes": fp32.stat().st_size,
@@ -63,26 +62,13 @@ def deploy_stage(plan, out: Path) -> Callable[[Path], dict]:
     return work
 
 
-class _OnnxAdapter:
-    """An ONNX Runtime session called like our task models (outputs as attributes holding torch tensors)."""
-
-    def __init__(self, session) -> None:
-        self.session = session
-
-    def eval(self) -> _OnnxAdapter:
-        return self
-
-    def __call__(self, input_ids, attention_mask, token_type_ids):
-        outputs = self.session(input_ids, attention_mask, token_type_ids)
-        return SimpleNamespace(**{k: torch.as_tensor(v) for k, v in outputs.items()})
-
-
 def bench_stage(plan, out: Path) -> Callable[[Path], dict]:
     def work(folder: Path) -> dict:
         from mobilebert.config import preset
         from mobilebert.deploy.bench import DEFAULT_BACKENDS, plot, run_bench
 
-        report = run_bench(preset(plan.bench_preset), list(DEFAULT_BACKENDS), threads=2, batch=1,
+        backends = [name for name in DEFAULT_BACKENDS if name not in plan.bench_skip]  # quick: nothing to compile
+        report = run_bench(preset(plan.bench_preset), backends, threads=2, batch=1,
                            seq=min(128, preset(plan.bench_preset).max_position_embeddings), warmup=2,
                            repetitions=plan.bench_repetitions)
         atomic_write(folder / "bench.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
