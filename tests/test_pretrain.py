@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import padded_batch, randomize
 from safetensors.torch import load_file
 
+import mobilebert as mb
+from mobilebert.recipes.pretrain import pretraining_sums
 from mobilebert.train.rundir import read_metrics
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu",
@@ -158,3 +161,21 @@ def test_empty_and_non_utf8_corpora_are_refused(tmp_path):
     (binary / "b.txt").write_bytes(b"caf\xe9 au lait\n")
     result = pretrain("--config", str(write_config(tmp_path / "c.yaml", binary, 2)), "--out", str(tmp_path / "s"))
     assert result.returncode == 2 and "b.txt" in result.stderr and "UTF-8" in result.stderr.upper()
+
+
+def test_pretraining_sums_are_summed_cross_entropies_and_zero_without_masks(tiny_cfg):
+    model = randomize(mb.MobileBertForPreTraining(tiny_cfg)).eval()
+    batch = padded_batch()
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, 2], labels[1, 5], labels[2, 1] = 7, 8, 9
+    batch.update(labels=labels, next_sentence_label=torch.tensor([0, 1, 1]))
+    sums = pretraining_sums(model, batch)
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    mlm = -sum(out.prediction_logits[r, t].log_softmax(-1)[v] for r, t, v in ((0, 2, 7), (1, 5, 8), (2, 1, 9)))
+    nsp = -sum(out.seq_relationship_logits[r].log_softmax(-1)[y] for r, y in enumerate((0, 1, 1)))
+    torch.testing.assert_close(sums["mlm"].detach(), mlm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums["nsp"].detach(), nsp, rtol=1e-5, atol=1e-5)
+    batch["labels"] = torch.full_like(labels, -100)  # a micro-batch with nothing masked adds nothing
+    empty = pretraining_sums(model, batch)["mlm"]
+    assert empty.item() == 0 and empty.requires_grad

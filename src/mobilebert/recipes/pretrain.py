@@ -152,13 +152,13 @@ def pretraining_counts(batch: dict[str, torch.Tensor]) -> dict[str, int]:
 
 
 def pretraining_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Summed masked-LM and next-sentence cross-entropies of one micro-batch (the engine normalises)."""
+    """Summed masked-LM and next-sentence cross-entropies of one micro-batch (the engine normalises): the model's
+    mean losses (computed in fp32, also under autocast) times their counts."""
     out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"],
-                masked_only=True)
-    masked = batch["labels"][batch["labels"] != IGNORE_INDEX]
-    return {"mlm": F.cross_entropy(out.prediction_logits.float(), masked, reduction="sum"),
-            "nsp": F.cross_entropy(out.seq_relationship_logits.float(), batch["next_sentence_label"],
-                                   reduction="sum")}
+                next_sentence_label=batch["next_sentence_label"], masked_only=True)
+    masked = len(out.prediction_logits)  # (N, V): one row per masked position
+    mlm = out.mlm_loss * masked if masked else out.prediction_logits.sum()  # nothing masked: 0, not NaN
+    return {"mlm": mlm, "nsp": out.nsp_loss * len(batch["next_sentence_label"])}
 
 
 def evaluate_pretraining(model: MobileBertForPreTraining, batches: PretrainingBatches, num_batches: int,
