@@ -2,9 +2,10 @@
 
 - Freezing: inductor treats the weights as constants, so it packs them once and fuses bias, ReLU and the residual
   add into the matmul that precedes them.
-- bf16 on a CPU with AMX: max-autotune, with inductor's own C++ GEMM template as a candidate beside ATen's matmul.
-  The template generates AMX micro-kernels called inline, without the oneDNN primitive lookup that costs about as
-  much as the arithmetic on every one of MobileBERT's 288 small matmuls; it wins every shape here. Measured
+- bf16 on a CPU with native bf16 (AMX, or AVX512-BF16): max-autotune, with inductor's own C++ GEMM template as a
+  candidate beside ATen's matmul, chosen per shape by timing both. On AMX the template generates AMX micro-kernels
+  called inline, without the oneDNN primitive lookup that costs about as much as the arithmetic on every one of
+  MobileBERT's 288 small matmuls; it wins every MobileBERT shape here (tiny widths go to ATen). Measured
   (MobileBERT 1×128, 2 threads): 11.2 ms against 18.3 ms for the packed eager bf16 path. In fp32 the template does
   not beat MKL, so fp32 compiles without autotuning (compiling is then 3–4× quicker).
 - Every FFN's weights on their own storage (`compile_for_inference`): the optimized model keeps them as views of
@@ -38,15 +39,17 @@ def inductor_settings(dtype: torch.dtype) -> dict[str, Any]:
 class CompiledModel(nn.Module):
     """An optimized model and its compiled forward: same inputs and outputs as the model it was made from.
 
-    The inductor settings are applied around each call, not set for the whole process: a compile (first call, or
-    a new input shape) sees them, and the caller's own `torch.compile` work keeps its settings.
+    The inductor settings are applied around each call (`config.patch`, which changes process-wide settings for
+    the call's duration: do not call compiled models from several threads at once), so a compile (first call, or
+    a new input shape) sees them and the caller's own `torch.compile` work outside these calls keeps its settings.
     """
 
     def __init__(self, fused: nn.Module, settings: dict[str, Any], dynamic: bool | None = None) -> None:
         super().__init__()
         self.fused = fused
         self.settings = settings
-        self._forward = torch.compile(fused, dynamic=dynamic)
+        # not a submodule: the state dict holds the weights once (under `fused.`)
+        object.__setattr__(self, "_forward", torch.compile(fused, dynamic=dynamic))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from torch._inductor import config
@@ -60,8 +63,9 @@ def compile_for_inference(model: nn.Module, dtype: torch.dtype | None = None,
     """`optimize_for_inference(model)` compiled by inductor for CPU inference; `model` is left untouched.
 
     Takes what `optimize_for_inference` takes (the backbone or any task model) and returns a module with the same
-    forward. `dtype=torch.bfloat16` converts the weights once; on a CPU with AMX inductor's C++ GEMM templates
-    then run every matmul (about 1e-2 relative error: bf16 keeps 8 mantissa bits).
+    forward. CPU models (the settings are chosen for this CPU). `dtype=torch.bfloat16` converts the weights once;
+    on a CPU with native bf16 autotuning then picks inductor's C++ GEMM template or ATen's matmul per shape (about
+    1e-2 relative error: bf16 keeps 8 mantissa bits).
 
     Compiles on the first call, for that input shape. `dynamic` is `torch.compile`'s: None (default) compiles a
     second graph with symbolic batch and length when a new shape comes, and reuses it for any later one (batch 1
@@ -72,9 +76,9 @@ def compile_for_inference(model: nn.Module, dtype: torch.dtype | None = None,
     fused = optimize_for_inference(model).to(dtype)  # unpacked: inductor packs the frozen weights itself
     for block in fused.modules():
         if isinstance(block, FusedBlock):
-            w = block.weights()  # built now: filled during the first call, the cache would force a recompile
             # each FFN's tensors on their own storage: inductor's GEMM-template packing (torch 2.13) reads a frozen
-            # view of the stacked (F, ...) buffers from its storage's start, so every FFN would get the first's weights
-            block._weights = w._replace(ffns=tuple(tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ffn)
-                                                   for ffn in w.ffns))
+            # view of the stacked (F, ...) buffers from its storage's start, so every FFN would get the first's
+            # weights. A flag, not a one-off copy: a later `.to()` rebuilds the weights the same way.
+            block.ffns_own_storage = True
+            block.weights()  # built now: filled during the first call, the cache would force a recompile
     return CompiledModel(fused, inductor_settings(dtype), dynamic)

@@ -256,6 +256,7 @@ class FusedBlock(nn.Module):
         self._weights: BlockWeights | None = None
         self._packed: BlockWeights | None = None  # see `pack`
         self._pack_wanted = False
+        self.ffns_own_storage = False  # `weights()` gives each FFN copies, not views of the stacked buffers
 
     def _attention_weights(self, block: Block) -> tuple[list, list[nn.Linear], Sublayer]:
         """(W, b) pieces of the first matmul, the Linears of the second, and the attention output's sub-layer;
@@ -301,6 +302,8 @@ class FusedBlock(nn.Module):
             down_biases = [None] * F_ if self.ffn_down_bias is None else self.ffn_down_bias.unbind(0)
             ffns = tuple(zip(self.ffn_up_t.unbind(0), self.ffn_up_bias.unbind(0), self.ffn_down_t.unbind(0),
                              down_biases, scales, norms, strict=True))
+            if self.ffns_own_storage:  # for inductor (see `mobilebert.deploy.compiled`)
+                ffns = tuple(tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ffn) for ffn in ffns)
             self._weights = BlockWeights(
                 self.in_t, self.in_bias, self.input_norm, self.qk_norm, self.qkv_t, self.qkv_bias,
                 (self.attention_t, self.attention_bias, self.attention_scale, self.attention_norm), ffns, self.act,
@@ -492,7 +495,8 @@ class FusedMobileBert(nn.Module):
         B, T = input_ids.shape
         h = self.embeddings(input_ids, token_type_ids, attention_mask)  # (N, D)
         # additive (B, 1, 1, T): 0 for real keys, -inf for padding; built once for all blocks, and not at all without
-        # padding (SDPA is faster without a mask) unless traced or compiled, where the example's case would stick
+        # padding (SDPA is faster without a mask) unless traced (the example's case would stick) or compiled (no
+        # data-dependent branch in the graph)
         mask = None
         if attention_mask is not None and (torch.jit.is_tracing() or torch.compiler.is_compiling()
                                            or not bool(attention_mask.all())):
