@@ -100,12 +100,18 @@ def _optimized(model, weights, workdir, threads) -> Backend:
     return Backend("optimized", lambda b: _hidden(fast(**b)), _size(weights / "model.safetensors"))
 
 
+def _require_native_bf16() -> None:
+    """bf16 backends are skipped (not timed) where the CPU would only emulate bf16."""
+    if not cpu_bf16():
+        raise NotImplementedError("this CPU has no native bf16 (AVX512-BF16/AMX): emulated bf16 is slower")
+
+
 def _compiled(model, weights, workdir, threads, dtype: torch.dtype | None = None) -> Backend:
     from mobilebert.deploy.compiled import compile_for_inference
     from mobilebert.deploy.quantize import state_dict_size
 
-    if dtype == torch.bfloat16 and not cpu_bf16():
-        raise NotImplementedError("this CPU has no native bf16 (AVX512-BF16/AMX): emulated bf16 is slower")
+    if dtype == torch.bfloat16:
+        _require_native_bf16()
     name = "compiled-bf16" if dtype == torch.bfloat16 else "compiled"
     print(f"{name}: compiles on its first call (bf16 at full size: about a minute, mostly autotuning its matmuls)")
     fast = compile_for_inference(model, dtype, dynamic=False)  # a static graph for every sequence length timed
@@ -116,8 +122,7 @@ def _bf16(model, weights, workdir, threads) -> Backend:
     from mobilebert.deploy.optimize import optimize_for_inference
     from mobilebert.deploy.quantize import state_dict_size
 
-    if not cpu_bf16():
-        raise NotImplementedError("this CPU has no native bf16 (AVX512-BF16/AMX): emulated bf16 is slower")
+    _require_native_bf16()
     # Weights converted (and packed for oneDNN) once: autocast casts every weight on every call (no faster than fp32).
     fast = optimize_for_inference(model, dtype=torch.bfloat16)
     return Backend("bf16", lambda b: _hidden(fast(**b)), state_dict_size(fast))

@@ -88,6 +88,12 @@ def _act_inplace(act: nn.Module):
 Sublayer = tuple  # (weight_t, bias, scale, norm): the arguments `residual` takes after x and r
 
 
+def _capturing() -> bool:
+    """Whether this forward is being recorded as a graph (ONNX export's tracing, torch.compile or torch.export)
+    rather than run: no in-place writes through `out=`, no branches on tensor values."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def residual(x: torch.Tensor, r: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
              scale: torch.Tensor | None, norm: nn.Module | None, reuse: bool = False) -> torch.Tensor:
     """`Norm(x W + b + r)`, the step every sub-layer of a block ends with, in as few ops as its norm allows.
@@ -98,7 +104,7 @@ def residual(x: torch.Tensor, r: torch.Tensor, weight_t: torch.Tensor, bias: tor
     one pass over r (`r*gamma + b'`, or `r + b`) and a matmul that adds into it, instead of a copy of the bias
     into a new output, the matmul, and a pass that adds r.
     """
-    if reuse and not torch.jit.is_tracing() and not torch.compiler.is_compiling():  # traced / compiled: no `out=`
+    if reuse and not _capturing():  # a traced or compiled graph takes no `out=`
         if bias is None:
             y = r.addmm_(x, weight_t)
         elif scale is not None:
@@ -498,8 +504,7 @@ class FusedMobileBert(nn.Module):
         # padding (SDPA is faster without a mask) unless traced (the example's case would stick) or compiled (no
         # data-dependent branch in the graph)
         mask = None
-        if attention_mask is not None and (torch.jit.is_tracing() or torch.compiler.is_compiling()
-                                           or not bool(attention_mask.all())):
+        if attention_mask is not None and (_capturing() or not bool(attention_mask.all())):
             mask = h.new_zeros(B, 1, 1, T).masked_fill_(attention_mask[:, None, None, :] == 0, float("-inf"))
         hidden, layers = [h], self.layers[:num_layers]
         for block in layers:
