@@ -94,3 +94,36 @@ def tiny_cfg():
     import mobilebert as mb
 
     return mb.MobileBertConfig(**TINY)
+
+
+# ---- the export command (tests/test_export.py, tests/test_aoti.py) ----
+
+SENTENCES = ["the quick brown fox jumps over the lazy dog", "what does the fox say to the dog",
+             "a second sentence about dogs and foxes", "the answer is in the context"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny sequence classifier with its tokenizer, saved as a user would have it, and a calibration text file."""
+    import mobilebert as mb
+    from mobilebert.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train([SENTENCES], vocab_size=200, min_frequency=1)
+    cfg = mb.MobileBertConfig(**{**TINY, "vocab_size": tokenizer.vocab_size})
+    path = tmp_path_factory.mktemp("checkpoint")
+    randomize(mb.MobileBertForSequenceClassification(cfg), std=0.1).save_pretrained(path, tokenizer)
+    text = path.parent / "calibration.txt"
+    pairs = [(SENTENCES[i % 4], SENTENCES[(i + 1) % 4]) for i in range(40)]
+    text.write_text("".join(f"{a}\t{b}\n" for a, b in pairs))
+    return path, text
+
+
+def run_export(argv: list[str]) -> int:
+    """`mobilebert export ARGV` in this process; its exit code."""
+    import argparse
+
+    from mobilebert.recipes import export as export_recipe
+
+    parser = argparse.ArgumentParser()
+    export_recipe.add_arguments(parser)
+    return export_recipe.main(parser.parse_args(argv))

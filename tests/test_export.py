@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import TINY, VARIANTS, padded_batch, randomize, relative_error
+from conftest import TINY, VARIANTS, padded_batch, randomize, relative_error, run_export
 from torch import nn
 
 import mobilebert as mb
@@ -39,7 +39,6 @@ from mobilebert.deploy.quantize import (
 )
 from mobilebert.heads import TASK_MODELS
 from mobilebert.recipes import export as export_recipe
-from mobilebert.tokenizer import Tokenizer
 
 FP32_TOL = 1e-4
 EXPORT_LENGTH = 16  # the traced example is (2, 16); every check below runs other shapes
@@ -238,29 +237,6 @@ def test_a_qat_model_saves_and_loads_as_a_plain_checkpoint(tmp_path):
 
 
 # ---- the export command ----
-
-SENTENCES = ["the quick brown fox jumps over the lazy dog", "what does the fox say to the dog",
-             "a second sentence about dogs and foxes", "the answer is in the context"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny sequence classifier with its tokenizer, saved as a user would have it."""
-    tokenizer = Tokenizer.train([SENTENCES], vocab_size=200, min_frequency=1)
-    cfg = mb.MobileBertConfig(**{**TINY, "vocab_size": tokenizer.vocab_size})
-    path = tmp_path_factory.mktemp("checkpoint")
-    randomize(mb.MobileBertForSequenceClassification(cfg), std=0.1).save_pretrained(path, tokenizer)
-    text = path.parent / "calibration.txt"
-    pairs = [(SENTENCES[i % 4], SENTENCES[(i + 1) % 4]) for i in range(40)]
-    text.write_text("".join(f"{a}\t{b}\n" for a, b in pairs))
-    return path, text
-
-
-def run_export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    export_recipe.add_arguments(parser)
-    return export_recipe.main(parser.parse_args(argv))
-
 
 @pytest.mark.parametrize("fmt, written", [
     ("onnx", ["model.onnx"]),

@@ -73,12 +73,19 @@ def compile_for_inference(model: nn.Module, dtype: torch.dtype | None = None,
     limit, then eager); True starts symbolic.
     """
     dtype = dtype or torch.float32
-    fused = optimize_for_inference(model).to(dtype)  # unpacked: inductor packs the frozen weights itself
+    fused = own_ffn_storage(optimize_for_inference(model).to(dtype))  # unpacked: inductor packs frozen weights
+    return CompiledModel(fused, inductor_settings(dtype), dynamic)
+
+
+def own_ffn_storage(fused: nn.Module) -> nn.Module:
+    """`fused` (an optimized model) with each FFN's tensors on their own storage, for inductor; returned as is.
+
+    Inductor's GEMM-template packing (torch 2.13) reads a frozen view of the stacked (F, ...) FFN buffers from
+    its storage's start, so every FFN would get the first one's weights. A flag, not a one-off copy: a later
+    `.to()` rebuilds the weights the same way.
+    """
     for block in fused.modules():
         if isinstance(block, FusedBlock):
-            # each FFN's tensors on their own storage: inductor's GEMM-template packing (torch 2.13) reads a frozen
-            # view of the stacked (F, ...) buffers from its storage's start, so every FFN would get the first's
-            # weights. A flag, not a one-off copy: a later `.to()` rebuilds the weights the same way.
             block.ffns_own_storage = True
-            block.weights()  # built now: filled during the first call, the cache would force a recompile
-    return CompiledModel(fused, inductor_settings(dtype), dynamic)
+            block.weights()  # built now: filled during the first compiled call, the cache would force a recompile
+    return fused

@@ -79,8 +79,8 @@ def eager_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str,
         return {name: t.float().numpy() for name, t in output_fields(model(**batch)).items()}
 
 
-class _Exportable(nn.Module):
-    """Our model with positional inputs and a tuple of tensors out: what the tracing exporter needs."""
+class Exportable(nn.Module):
+    """Our model with positional inputs and a tuple of tensors out: what the exporters (ONNX, torch.export) need."""
 
     def __init__(self, model: nn.Module, names: list[str]) -> None:
         super().__init__()
@@ -92,7 +92,7 @@ class _Exportable(nn.Module):
         return tuple(getattr(out, name) for name in self.names)
 
 
-def _dynamic_axes(model: nn.Module, names: list[str]) -> dict[str, dict[int, str]]:
+def dynamic_axes(model: nn.Module, names: list[str]) -> dict[str, dict[int, str]]:
     """Batch and sequence (and choices) axes of every input and output, by name."""
     choices = isinstance(model, MobileBertForMultipleChoice)
     axes: dict[str, dict[int, str]] = {
@@ -127,7 +127,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = DEFAULT_
         traced = optimize_for_inference(model) if optimize else model
         # eval() matters: the exporter sets the wrapper's own mode back afterwards, recursively, so a wrapper left
         # in (default) training mode would switch the model's attention dropout on for every later call.
-        wrapper = _Exportable(traced, names).eval()
+        wrapper = Exportable(traced, names).eval()
         args = tuple(example[name] for name in INPUT_NAMES)
 
         def write(tmp: Path) -> None:
@@ -136,7 +136,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = DEFAULT_
                 warnings.simplefilter("ignore")
                 torch.onnx.export(wrapper, args, str(tmp), dynamo=False, opset_version=opset,
                                   input_names=list(INPUT_NAMES), output_names=names,
-                                  dynamic_axes=_dynamic_axes(model, names), do_constant_folding=True)
+                                  dynamic_axes=dynamic_axes(model, names), do_constant_folding=True)
             graph = onnx.load(str(tmp))
             onnx.helper.set_model_props(graph, {
                 "mobilebert.architecture": type(model).__name__,

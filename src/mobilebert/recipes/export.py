@@ -1,8 +1,9 @@
-"""`mobilebert export`: a checkpoint to ONNX (fp32, int8 dynamic, int8 static) or to a PyTorch int8 module.
+"""`mobilebert export`: a checkpoint to ONNX (fp32, int8 dynamic, int8 static), to a PyTorch int8 module, or to an
+AOTInductor package (fp32, bf16).
 
 The algorithm: load the checkpoint, export (and quantize), run export and eager model on the same held-out real
 text, record sizes and the agreement with eager in DIR/export.json. fp32 must match eager to 1e-4 relative error
-or the command fails; int8 is reported as measured, never failed.
+or the command fails; int8 and bf16 are reported as measured, never failed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mobilebert.deploy.export import (
     export_onnx,
     relative_errors,
 )
+from mobilebert.deploy.optimize import cpu_bf16
 from mobilebert.deploy.quantize import (
     file_size,
     quantize_onnx_dynamic,
@@ -43,7 +45,7 @@ from mobilebert.report import format_table
 from mobilebert.tokenizer import Tokenizer
 
 FORMATS = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-int8-static": "model-int8-static.onnx",
-           "torch-int8": "torch-int8.pt"}
+           "torch-int8": "torch-int8.pt", "aoti": "model.pt2", "aoti-bf16": "model-bf16.pt2"}
 TASKS = {"backbone": "MobileBertModel", "pretraining": "MobileBertForPreTraining", "masked-lm": "MobileBertForMaskedLM",
          "nsp": "MobileBertForNextSentencePrediction", "seq-classification": "MobileBertForSequenceClassification",
          "multiple-choice": "MobileBertForMultipleChoice", "token-classification": "MobileBertForTokenClassification",
@@ -61,7 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder: the exported file(s) and export.json")
     parser.add_argument("--format", default="onnx", choices=list(FORMATS),
                         help="onnx (fp32), onnx-int8 (dynamic), onnx-int8-static (calibrated, QDQ), torch-int8 "
-                             "(dynamic nn.Linear; written as a state dict)")
+                             "(dynamic nn.Linear; written as a state dict), aoti / aoti-bf16 (the optimized model "
+                             "compiled ahead of time by AOTInductor into a .pt2 package for this machine's CPU: the "
+                             "fastest; needs a C++ compiler, takes minutes at full size)")
     parser.add_argument("--task", choices=list(TASKS),
                         help="which head to export (default: the architecture in the checkpoint's config.json)")
     parser.add_argument("--max-seq-length", type=int, default=128, help="tokens per example (default: 128)")
@@ -73,7 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "corpus' validation split)")
     parser.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile"])
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: its own choice)")
+    parser.add_argument("--threads", type=int,
+                        help="onnxruntime intra-op threads (default: its own choice); for aoti, the thread count the "
+                             "package's parallel loops are built for (default: torch's, one per core)")
     parser.add_argument("--no-optimize", dest="optimize", action="store_false",
                         help="export the eager model's graph instead of optimize_for_inference's (same outputs; the "
                              "optimized graph has NoNorm folded and the projections fused, and runs faster)")
@@ -124,6 +130,19 @@ def main(args: argparse.Namespace) -> int:
 def export(model: nn.Module, args: argparse.Namespace, out: Path, tokenizer: Tokenizer | None,
            calibration: list[Pair]) -> tuple[dict[str, int], int, dict[str, Runner]]:
     """Write the format's files. Returns their sizes, the fp32 size, and a runner for each exported model."""
+    if args.format in ("aoti", "aoti-bf16"):
+        from mobilebert.deploy.aoti import AotiModel, export_aoti
+
+        bf16 = args.format == "aoti-bf16"
+        print("compiling with AOTInductor (seconds for the small presets; MobileBERT: about a minute in fp32, two in "
+              "bf16)")
+        path = export_aoti(model, out / FORMATS[args.format], torch.bfloat16 if bf16 else None, args.threads)
+        package = AotiModel(path)
+
+        def run(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+            return {name: t.float().numpy() for name, t in package(**batch).items()}
+
+        return {path.name: file_size(path)}, state_dict_size(model), {"bf16" if bf16 else "fp32": run}
     if args.format == "torch-int8":
         quantized = quantize_torch_dynamic(model)
         path = out / FORMATS["torch-int8"]
@@ -236,6 +255,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--calibration must be a positive number of examples, got {args.calibration}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be positive, got {args.threads}")
+    if args.format.startswith("aoti") and not args.optimize:
+        raise UserError("--no-optimize applies to the ONNX formats; an AOTInductor package always compiles the "
+                        "optimized model")
+    if args.format == "aoti-bf16" and not cpu_bf16():
+        raise UserError("this CPU has no native bf16 (AVX512-BF16/AMX): a bf16 package built here would emulate it, "
+                        "slower than fp32; use --format aoti")
 
 
 # ---- reporting ----
@@ -265,10 +290,13 @@ def summary(report: dict[str, Any]) -> str:
     if c["calibration_examples"]:
         calibrated = (f" ({'held out from' if c['held_out'] else 'overlapping'} the {c['calibration_examples']} "
                       "calibration examples)")
+    runtime_threads = f"onnxruntime threads {c['threads'] or 'default'}"
+    if report["format"].startswith("aoti"):
+        runtime_threads = f"package built for {c['threads'] or c['torch_threads']} threads"
     return "\n".join([
         format_table(["model", "max relative error vs eager", "argmax agreement"], rows),
         f"{report['architecture']} as {report['format']}: {sizes}",
         f"measured against eager float32 PyTorch on {c['examples']} examples x {c['sequence']} tokens of "
-        f"{c['text']} text{calibrated}; onnxruntime threads {c['threads'] or 'default'}, torch threads "
+        f"{c['text']} text{calibrated}; {runtime_threads}, torch threads "
         f"{c['torch_threads']}; torch {v['torch']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}",
     ])
