@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from mobilebert.deploy.bench import DEFAULT_BACKENDS, random_inputs
+from mobilebert.deploy.bench import BF16, DEFAULT_BACKENDS, random_inputs
 
 
 def test_bench_runs_every_default_backend_and_prints_json_last(tmp_path):
@@ -19,7 +19,7 @@ def test_bench_runs_every_default_backend_and_prints_json_last(tmp_path):
     assert conditions["threads"] == 2 and conditions["batch"] == 2 and conditions["seq"] == 16
     assert conditions["matmul_peak_gflops"] > 0 and "torch" in conditions and "cpu" in conditions
     rows = {r["backend"]: r for r in report["results"]}
-    expected = set(DEFAULT_BACKENDS) - (set() if conditions["native_bf16"] else {"bf16"})
+    expected = set(DEFAULT_BACKENDS) - (set() if conditions["native_bf16"] else set(BF16))
     assert set(rows) == expected
     for row in rows.values():
         assert row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"] and row["sequences_per_s"] > 0

@@ -81,17 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     from mobilebert.recipes.export import add_arguments as add_export_arguments
 
     export = commands.add_parser(
-        "export", help="ONNX fp32 / int8 (dynamic or static) and torch int8, with a parity check against eager",
-        description="Export a checkpoint to ONNX (dynamic batch and sequence axes) or int8, check it against the "
-                    "eager model, and write OUT/export.json with sizes, parity and versions.")
+        "export", help="ONNX fp32 / int8 (dynamic or static), torch int8 and AOTInductor packages, with a parity "
+                       "check against eager",
+        description="Export a checkpoint to ONNX (dynamic batch and sequence axes), int8, or an AOTInductor .pt2 "
+                    "package (fp32 or bf16), check it against the eager model, and write OUT/export.json with sizes, "
+                    "parity and versions.")
     add_export_arguments(export)
 
     bench = commands.add_parser(
         "bench", help="latency and throughput of every backend against transformers' references",
-        description="Time eager, optimized, bf16 (optimized and compiled), ONNX fp32/int8 and torch int8 MobileBERT "
-                    "against transformers' MobileBertModel and BERT-base in one process (same weights, interleaved "
-                    "repetitions, threads pinned). compiled-bf16 compiles first (about a minute at full size). "
-                    "Prints a table, then one JSON line.")
+        description="Time eager, optimized, bf16 (optimized, compiled, AOTInductor), ONNX fp32/int8 and torch int8 "
+                    "MobileBERT against transformers' MobileBertModel and BERT-base in one process (same weights, "
+                    "interleaved repetitions, threads pinned). compiled-bf16 and aoti-bf16 compile first (one to two "
+                    "minutes each at full size). Prints a table, then one JSON line.")
     add_bench_arguments(bench)
 
     demo = commands.add_parser(

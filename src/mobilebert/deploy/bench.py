@@ -34,9 +34,12 @@ from mobilebert.model import MobileBertModel
 from mobilebert.report import format_table
 from mobilebert.stats import count_flops
 
-OURS = ("eager", "optimized", "compiled", "bf16", "compiled-bf16", "onnx", "onnx-int8", "torch-int8")
+OURS = ("eager", "optimized", "compiled", "bf16", "compiled-bf16", "aoti", "aoti-bf16", "onnx", "onnx-int8",
+        "torch-int8")
 REFERENCES = ("hf-mobilebert", "hf-bert-base")
-DEFAULT_BACKENDS = ("eager", "optimized", "bf16", "compiled-bf16", "onnx", "onnx-int8", "torch-int8", *REFERENCES)
+DEFAULT_BACKENDS = ("eager", "optimized", "bf16", "compiled-bf16", "aoti-bf16", "onnx", "onnx-int8", "torch-int8",
+                    *REFERENCES)
+BF16 = ("bf16", "compiled-bf16", "aoti-bf16")  # timed only where the CPU has native bf16
 
 
 @dataclass
@@ -118,6 +121,20 @@ def _compiled(model, weights, workdir, threads, dtype: torch.dtype | None = None
     return Backend(name, lambda b: _hidden(fast(**b)), state_dict_size(fast.fused))
 
 
+def _aoti(model, weights, workdir, threads, dtype: torch.dtype | None = None) -> Backend:
+    from mobilebert.deploy.aoti import AotiModel, export_aoti
+
+    if dtype == torch.bfloat16:
+        _require_native_bf16()
+    name = "aoti-bf16" if dtype == torch.bfloat16 else "aoti"
+    path = workdir / f"{name}.pt2"  # built once per workdir: `peak_memory`'s processes load the parent's package
+    if not path.is_file():
+        print(f"{name}: building the AOTInductor package (bf16 at full size: about two minutes)")
+        export_aoti(model, path, dtype, threads)
+    package = AotiModel(path)
+    return Backend(name, lambda b: _hidden(package(**b)), _size(path))
+
+
 def _bf16(model, weights, workdir, threads) -> Backend:
     from mobilebert.deploy.optimize import optimize_for_inference
     from mobilebert.deploy.quantize import state_dict_size
@@ -179,7 +196,8 @@ def bert_flops(cfg: Any, seq: int) -> int:
 
 _BUILDERS: dict[str, Callable[..., Backend]] = {
     "eager": _eager, "optimized": _optimized, "compiled": _compiled, "bf16": _bf16,
-    "compiled-bf16": lambda *a: _compiled(*a, dtype=torch.bfloat16), "onnx": _onnx,
+    "compiled-bf16": lambda *a: _compiled(*a, dtype=torch.bfloat16), "aoti": _aoti,
+    "aoti-bf16": lambda *a: _aoti(*a, dtype=torch.bfloat16), "onnx": _onnx,
     "onnx-int8": lambda *a: _onnx(*a, int8=True), "torch-int8": _torch_int8, "hf-mobilebert": _hf_mobilebert,
     "hf-bert-base": _hf_bert_base,
 }
