@@ -7,10 +7,14 @@ other batch sizes and lengths, down to one token, through the same package (symb
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY, VARIANTS, build, inputs_for, padded_batch, relative_error, run_export
+from torch.utils import cmake_prefix_path
 
 import mobilebert as mb
 from mobilebert.deploy import aoti
@@ -123,3 +127,19 @@ def test_export_command_bf16_package_is_close_to_eager(checkpoint, tmp_path):
     assert list(report["files"]) == ["model-bf16.pt2"] and report["fp32_ok"]
     assert report["parity"]["bf16"]["relative_error"]["logits"] < 3e-2
     assert AotiModel(out / "model-bf16.pt2").dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("c++")), reason="needs cmake and a C++ compiler")
+def test_the_cpp_example_builds_and_runs_a_package(mobilebert_package, tmp_path):
+    """examples/aoti_cpp, built against the libtorch of this environment as its CMakeLists.txt says."""
+    source = Path(__file__).resolve().parents[1] / "examples" / "aoti_cpp"
+    build_dir = tmp_path / "build"
+    subprocess.run(["cmake", "-S", str(source), "-B", str(build_dir), f"-DCMAKE_PREFIX_PATH={cmake_prefix_path}"],
+                   check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build_dir)], check=True, capture_output=True)
+    run = subprocess.run([str(build_dir / "run_package"), str(mobilebert_package[1].path), "2", "7", "3"],
+                         check=True, capture_output=True, text=True)
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("MobileBertForPreTraining (float32, built for 2 threads)")
+    assert lines[1].split() == ["[2,", "7,", f"{TINY['vocab_size']}]", "float"]  # prediction_logits
+    assert lines[2].split() == ["[2,", "2]", "float"] and lines[3].startswith("median ")

@@ -65,6 +65,7 @@ def export_aoti(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | 
         settings = {**inductor_settings(dtype), "cpp.threads": threads, "aot_inductor.metadata": {
             _META + "architecture": type(model).__name__, _META + "outputs": json.dumps(names),
             _META + "dtype": str(dtype).removeprefix("torch."), _META + "threads": str(threads),
+            _META + "vocab_size": str(model.config.vocab_size),  # for programs that read no JSON (examples/aoti_cpp)
             _META + "config": json.dumps(model.config.to_transformers_dict(type(model).__name__))}}
 
         def write(tmp: Path) -> None:
@@ -97,10 +98,13 @@ class AotiModel:
             raise UserError(f"{path}: cannot load AOTInductor package: {str(e).splitlines()[0]}") from None
         if _META + "outputs" not in metadata:
             raise UserError(f"{path}: not a mobilebert package (written by `mobilebert export --format aoti`)")
-        missing = set(metadata.get("AOTI_CPU_ISA", "").split()) - set(_cpu_isa().split())
+        isa = set(metadata.get("AOTI_CPU_ISA", "").split())
+        missing = isa - set(_cpu_isa().split())
         if missing:
             raise UserError(f"{path}: built for a CPU with {' '.join(sorted(missing))}, which this one lacks; "
                             "export it again on this machine")
+        if "AMX_TILE" in isa:  # Linux lends AMX registers only to a process that asks (else: Illegal instruction)
+            torch.cpu._init_amx()
         self.path = path
         self.output_names: list[str] = json.loads(metadata[_META + "outputs"])
         self.architecture = metadata[_META + "architecture"]
