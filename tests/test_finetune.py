@@ -236,6 +236,30 @@ def test_constant_baseline_is_the_best_constant_per_metric():
     assert baseline["accuracy"] == pytest.approx(0.5) and baseline["f1"] == pytest.approx(2 / 3)
 
 
+def _squad(answers: list[str], impossible: bool = False):
+    from mobilebert.data.squad import SquadExample
+
+    return [SquadExample(f"q{i}", "t", "what?", f"context with {a}", [(a, 13)] if a else [], impossible and not a)
+            for i, a in enumerate(answers)]
+
+
+def test_qa_constant_baseline_is_the_best_single_answer():
+    """v1: the commonest training answers and answer words, each given to every question; the official scorer drops
+    articles ("the cat" scores as "cat"). v2: always no answer too."""
+    from mobilebert.downstream import TaskData, constant_baseline
+
+    train = TaskData(get_task("squad1"), "train", squad=_squad(["to", "to", "the cat"]))
+    dev = TaskData(get_task("squad1"), "dev", squad=_squad(["to", "to", "cat"]))
+    assert constant_baseline(train, dev) == pytest.approx({"exact_match": 200 / 3, "f1": 200 / 3})
+    dev = TaskData(get_task("squad1"), "dev", squad=_squad(["cat", "dog", "cat"]))
+    assert constant_baseline(train, dev) == pytest.approx({"exact_match": 200 / 3, "f1": 200 / 3})  # "the cat"
+    train2 = TaskData(get_task("squad2"), "train", squad=_squad(["to", "", "dog"], impossible=True))
+    dev2 = TaskData(get_task("squad2"), "dev", squad=_squad(["", "", "dog"], impossible=True))
+    assert constant_baseline(train2, dev2) == pytest.approx({"exact": 200 / 3, "f1": 200 / 3})  # no answer
+    dev2 = TaskData(get_task("squad2"), "dev", squad=_squad(["", "dog", "dog", "dog"], impossible=True))
+    assert constant_baseline(train2, dev2) == pytest.approx({"exact": 75.0, "f1": 75.0})  # "dog"
+
+
 def test_a_new_regression_head_starts_at_the_label_mean(checkpoint):
     from mobilebert.downstream import TaskData, load_model
     from mobilebert.recipes.finetune import start_at_label_mean

@@ -181,11 +181,16 @@ def qa_answers(data: TaskData, logits: np.ndarray, settings: TaskSettings):
                        null_score_diff_threshold=settings.null_score_diff_threshold)
 
 
+QA_BASELINE_CANDIDATES = 30  # commonest training answers, and commonest words in them, tried as constant answers
+
+
 def constant_baseline(train: TaskData, dev: TaskData) -> dict[str, float]:
     """What a model that ignores its input scores: per metric, the best of always predicting one label (so F1 is
-    that of always answering the positive class), or the training mean for regression (correlations 0)."""
+    that of always answering the positive class), or the training mean for regression (correlations 0). QA: the
+    best of giving one answer to every question, among the training set's commonest answers and commonest answer
+    words (SQuAD 2.0 also: always no answer)."""
     if dev.texts is None:
-        return {}
+        return _constant_answer_baseline(train, dev)
     if train.task.kind == "regression":
         labels = np.array([ex.label for ex in train.texts])
         return score(dev, np.full(len(dev.texts), labels.mean()), TaskSettings())
@@ -195,4 +200,25 @@ def constant_baseline(train: TaskData, dev: TaskData) -> dict[str, float]:
         logits[:, label] = 1
         for name, value in score(dev, logits, TaskSettings()).items():
             best[name] = max(best.get(name, value), value)
+    return best
+
+
+def _constant_answer_baseline(train: TaskData, dev: TaskData) -> dict[str, float]:
+    """The best official scores of one answer given to every dev question (see `constant_baseline`)."""
+    from collections import Counter
+
+    answers = [text for ex in train.squad for text, _ in ex.answers if text]
+    words = Counter(w for text in answers for w in text.lower().split())
+    candidates = {text for text, _ in Counter(answers).most_common(QA_BASELINE_CANDIDATES)}
+    candidates |= {w for w, _ in words.most_common(QA_BASELINE_CANDIDATES)}
+    version_2 = dev.task.squad_version == "2.0"
+    if version_2:
+        candidates.add("")  # no answer
+    dataset = squad_dataset(dev.squad)
+    best: dict[str, float] = {}
+    for answer in sorted(candidates):
+        predictions = {ex.qid: answer for ex in dev.squad}
+        scores = evaluate_v2(dataset, predictions) if version_2 else evaluate_v1(dataset, predictions)
+        for name in ("exact", "f1") if version_2 else ("exact_match", "f1"):
+            best[name] = max(best.get(name, scores[name]), scores[name])
     return best
