@@ -59,3 +59,13 @@ def test_bf16_runs_inductors_gemm_templates_and_matches_eager_to_bf16_rounding()
             assert relative_error(out, bf16) < 6e-3  # 2.9e-3 measured (bf16 roundings); 1.1e-2 with that bug
             fast.to("cpu")  # drops the cached weights: the recompile must rebuild them on their own storage again
     assert all(name.startswith("fused.") for name in fast.state_dict())
+
+
+@pytest.mark.parametrize("head", ["Model", "QuestionAnswering"])
+def test_the_forward_is_one_graph_without_breaks(head):
+    """Dynamo captures the optimized forward whole: a graph break would run its pieces eagerly in between."""
+    eager = build(head, mb.MobileBertConfig(**TINY))
+    fused = compile_for_inference(eager).fused
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fused)(**padded_batch())
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
