@@ -228,9 +228,19 @@ def check_inputs(cfg: MobileBertConfig, input_ids: torch.Tensor, attention_mask:
     """Shape checks with messages that say what is wrong (a bare index error deep inside helps nobody)."""
     if input_ids.dim() != 2:
         raise UserError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
-    if input_ids.shape[1] > cfg.max_position_embeddings:
-        raise UserError(f"sequence length {input_ids.shape[1]} exceeds the model's maximum "
-                        f"max_position_embeddings={cfg.max_position_embeddings}")
+    check_length(input_ids.shape[1], cfg.max_position_embeddings)
+    check_same_shapes(input_ids, attention_mask, token_type_ids)
+
+
+def check_length(length: int, max_positions: int) -> None:
+    """A sequence longer than the position table: the error our models and exported runners give."""
+    if length > max_positions:
+        raise UserError(f"sequence length {length} exceeds the model's maximum max_position_embeddings={max_positions}")
+
+
+def check_same_shapes(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      token_type_ids: torch.Tensor | None) -> None:
+    """The mask and the token types, where given, must have the ids' shape."""
     for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
         if t is not None and t.shape != input_ids.shape:
             raise UserError(f"{name} has shape {tuple(t.shape)}, input_ids has {tuple(input_ids.shape)}")

@@ -127,7 +127,7 @@ def _aoti(model, weights, workdir, threads, dtype: torch.dtype | None = None) ->
     if dtype == torch.bfloat16:
         _require_native_bf16()
     name = "aoti-bf16" if dtype == torch.bfloat16 else "aoti"
-    path = workdir / f"{name}.pt2"  # built once per workdir: `peak_memory`'s processes load the parent's package
+    path = workdir / f"{name}.pt2"  # built once per workdir: later lengths and `peak_memory`'s processes load it
     if not path.is_file():
         print(f"{name}: building the AOTInductor package (bf16 at full size: about two minutes)")
         export_aoti(model, path, dtype, threads)
@@ -331,7 +331,13 @@ def conditions(threads: int, batch: int, seq: int, peak: float) -> dict[str, Any
 
 
 def run_bench(cfg: MobileBertConfig, names: list[str], threads: int, batch: int, seq: int, warmup: int,
-              repetitions: int, checkpoint: str | None = None, memory: bool = True) -> dict[str, Any]:
+              repetitions: int, checkpoint: str | None = None, memory: bool = True,
+              workdir: Path | None = None) -> dict[str, Any]:
+    """One interleaved run at (batch, seq). `workdir` keeps the files backends build (ONNX graphs, AOTInductor
+    packages: every length can run them) for later runs on the same weights; default: a temporary folder."""
+    if workdir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_bench(cfg, names, threads, batch, seq, warmup, repetitions, checkpoint, memory, Path(tmp))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = (MobileBertModel.from_pretrained(checkpoint) if checkpoint else MobileBertModel(cfg)).eval()
@@ -340,11 +346,10 @@ def run_bench(cfg: MobileBertConfig, names: list[str], threads: int, batch: int,
                         f"({model.config.max_position_embeddings})")
     inputs = random_inputs(model.config.vocab_size, batch, seq)
     peak = matmul_peak(threads, seq)
-    with tempfile.TemporaryDirectory() as tmp:
-        backends = build_backends(model, names, threads, Path(tmp), inputs)
-        measure(backends, inputs, warmup, repetitions)
-        if memory:
-            peak_memory(backends, Path(tmp) / "eager", Path(tmp), threads, inputs)
+    backends = build_backends(model, names, threads, workdir, inputs)
+    measure(backends, inputs, warmup, repetitions)
+    if memory:
+        peak_memory(backends, workdir / "eager", workdir, threads, inputs)
     return {"conditions": conditions(threads, batch, seq, peak), "results": summarise(backends, batch, peak)}
 
 
@@ -394,15 +399,16 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"unknown backend {unknown[0]!r}: choose from {', '.join(_BUILDERS)}")
     cfg = preset(args.preset)
     reports = []
-    for seq in args.seq:
-        report = run_bench(cfg, names, args.threads, args.batch, seq, args.warmup, args.repetitions,
-                           args.checkpoint, memory=args.memory)
-        print(format_results(report))
-        if args.plot:
-            path = Path(args.plot)
-            path = path.with_name(f"{path.stem}-{seq}{path.suffix}") if len(args.seq) > 1 else path
-            print(f"plot: {plot(report, path)}")
-        reports.append(report)
+    with tempfile.TemporaryDirectory(prefix="mobilebert-bench-") as tmp:  # one for every length: files built once
+        for seq in args.seq:
+            report = run_bench(cfg, names, args.threads, args.batch, seq, args.warmup, args.repetitions,
+                               args.checkpoint, memory=args.memory, workdir=Path(tmp))
+            print(format_results(report))
+            if args.plot:
+                path = Path(args.plot)
+                path = path.with_name(f"{path.stem}-{seq}{path.suffix}") if len(args.seq) > 1 else path
+                print(f"plot: {plot(report, path)}")
+            reports.append(report)
     print(json.dumps(reports[0] if len(reports) == 1 else reports))
     return 0
 

@@ -27,6 +27,7 @@ from mobilebert.checkpoint import atomic_write
 from mobilebert.deploy.optimize import optimize_for_inference
 from mobilebert.errors import UserError
 from mobilebert.heads import MobileBertForMaskedLM, MobileBertForMultipleChoice, MobileBertForTokenClassification
+from mobilebert.model import check_length
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on; onnxruntime ≥ 1.14 runs it
@@ -187,9 +188,8 @@ class OnnxModel:
     def __call__(self, input_ids: torch.Tensor | np.ndarray, attention_mask: torch.Tensor | np.ndarray | None = None,
                  token_type_ids: torch.Tensor | np.ndarray | None = None) -> dict[str, np.ndarray]:
         ids = _int64(input_ids)
-        if self.max_positions is not None and ids.shape[-1] > self.max_positions:
-            raise UserError(f"sequence length {ids.shape[-1]} exceeds the model's maximum "
-                            f"max_position_embeddings={self.max_positions}")
+        if self.max_positions is not None:
+            check_length(ids.shape[-1], self.max_positions)
         feed = {"input_ids": ids,
                 "attention_mask": np.ones_like(ids) if attention_mask is None else _int64(attention_mask),
                 "token_type_ids": np.zeros_like(ids) if token_type_ids is None else _int64(token_type_ids)}
