@@ -35,10 +35,10 @@ from mobilebert.report import format_table
 from mobilebert.stats import count_flops
 
 OURS = ("eager", "optimized", "compiled", "bf16", "compiled-bf16", "aoti", "aoti-bf16", "onnx", "onnx-int8",
-        "torch-int8")
+        "torch-int8", "executorch", "executorch-int8")
 REFERENCES = ("hf-mobilebert", "hf-bert-base")
 DEFAULT_BACKENDS = ("eager", "optimized", "bf16", "compiled-bf16", "aoti-bf16", "onnx", "onnx-int8", "torch-int8",
-                    *REFERENCES)
+                    "executorch-int8", *REFERENCES)
 BF16 = ("bf16", "compiled-bf16", "aoti-bf16")  # timed only where the CPU has native bf16
 
 
@@ -170,6 +170,30 @@ def _torch_int8(model, weights, workdir, threads) -> Backend:
     return Backend("torch-int8", lambda b: _hidden(quantized(**b)), _size(path))
 
 
+def _executorch(model, weights, workdir, threads, int8: bool = False) -> Backend:
+    """An ExecuTorch program, lowered on the first call for that call's (batch, length): its shape is fixed."""
+    from mobilebert.deploy.mobile import ExecutorchModel, executorch_lowering, export_executorch
+
+    executorch_lowering()  # not installed: skipped now, not on the first call
+    name = "executorch-int8" if int8 else "executorch"
+    programs: dict[tuple[int, ...], ExecutorchModel] = {}
+
+    def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        shape = tuple(batch["input_ids"].shape)
+        if shape not in programs:
+            path = workdir / f"{name}-{'x'.join(map(str, shape))}.pte"  # `peak_memory`'s processes load it
+            if not path.is_file():
+                print(f"{name}: lowering for {' x '.join(map(str, shape))} (MobileBERT: about a minute, two with "
+                      "int8)")
+                export_executorch(model, path, batch=shape[0], length=shape[1], int8=int8)
+            programs[shape] = ExecutorchModel(path, threads)
+            backend.size_bytes = _size(path)
+        return _hidden(programs[shape](**batch))
+
+    backend = Backend(name, run)
+    return backend
+
+
 def _hf_mobilebert(model, weights, workdir, threads) -> Backend:
     import transformers
 
@@ -198,7 +222,8 @@ _BUILDERS: dict[str, Callable[..., Backend]] = {
     "eager": _eager, "optimized": _optimized, "compiled": _compiled, "bf16": _bf16,
     "compiled-bf16": lambda *a: _compiled(*a, dtype=torch.bfloat16), "aoti": _aoti,
     "aoti-bf16": lambda *a: _aoti(*a, dtype=torch.bfloat16), "onnx": _onnx,
-    "onnx-int8": lambda *a: _onnx(*a, int8=True), "torch-int8": _torch_int8, "hf-mobilebert": _hf_mobilebert,
+    "onnx-int8": lambda *a: _onnx(*a, int8=True), "torch-int8": _torch_int8, "executorch": _executorch,
+    "executorch-int8": lambda *a: _executorch(*a, int8=True), "hf-mobilebert": _hf_mobilebert,
     "hf-bert-base": _hf_bert_base,
 }
 
@@ -240,11 +265,13 @@ def _peak_rss_mb(name: str, weights: str, workdir: str, threads: int, inputs: di
     kernel's peak-RSS mark, run two forwards; the peak above the RSS of the process before it loaded anything, in
     MB. Memory a first call allocates and keeps (a compiled graph, a runtime's arena) counts; its transient peak
     (inductor compiling) does not."""
+    from mobilebert.deploy.mobile import quiet_stderr
+
     torch.set_num_threads(threads)
     importlib.import_module("torch._inductor.compile_fx")  # library code is not the backend's memory
     with contextlib.suppress(ImportError):
         importlib.import_module("onnxruntime")
-    with contextlib.suppress(ImportError):
+    with contextlib.suppress(ImportError), quiet_stderr():  # transformers imports torchao where it is installed
         transformers = importlib.import_module("transformers")
         transformers.MobileBertModel, transformers.BertModel  # noqa: B018  (lazy modules: import them now)
     _release_freed_memory()

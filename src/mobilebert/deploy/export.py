@@ -37,15 +37,16 @@ _PER_TOKEN_OUTPUTS = ("last_hidden_state", "prediction_logits", "start_logits", 
 _TOKEN_LOGITS_MODELS = (MobileBertForMaskedLM, MobileBertForTokenClassification)  # their `logits` is (B, T, ...)
 
 
-def example_batch(model: nn.Module, batch: int = 2, length: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+def example_batch(model: nn.Module, batch: int = 2, length: int = 128, seed: int = 0, choices: int = 2
+                  ) -> dict[str, torch.Tensor]:
     """Random ids of the model's vocabulary, the last row padded: a batch that exercises every input.
 
-    Multiple-choice models get (B, 2, T) inputs.
+    Multiple-choice models get (B, choices, T) inputs.
     """
     cfg = model.config
     length = min(length, cfg.max_position_embeddings)
     g = torch.Generator().manual_seed(seed)
-    shape = (batch, 2, length) if isinstance(model, MobileBertForMultipleChoice) else (batch, length)
+    shape = (batch, choices, length) if isinstance(model, MobileBertForMultipleChoice) else (batch, length)
     ids = torch.randint(1, cfg.vocab_size, shape, generator=g)
     mask = torch.ones_like(ids)
     mask[-1, ..., length - length // 3:] = 0  # the last row ends in padding

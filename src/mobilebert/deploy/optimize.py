@@ -194,6 +194,7 @@ class FusedEmbeddings(nn.Module):
         self.register_buffer("token_type", token_type.clone())  # (types, D)
         self.register_buffer("position_type0", position + token_type[0])  # (P, D): for token_type_ids=None
         self.norm = _layer_norm(emb.norm)
+        self.portable = False  # the projection as matmul then add (`mobilebert.deploy.mobile.portable`)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -210,7 +211,7 @@ class FusedEmbeddings(nn.Module):
         else:
             base = (F.embedding(token_type_ids, self.token_type) + self.position[:T]).view(B * T, -1)
         if self.project:
-            h = torch.addmm(base, x, self.weight_t)
+            h = torch.mm(x, self.weight_t) + base if self.portable else torch.addmm(base, x, self.weight_t)
         else:
             h = base + x if self.scale is None else torch.addcmul(base, x, self.scale)  # base may view a buffer
         return h if self.norm is None else self.norm(h)  # (N, D)
@@ -261,8 +262,10 @@ class FusedBlock(nn.Module):
         self._register_sublayer("output", _sublayer(block.output_bottleneck, block.output_norm))
         self._weights: BlockWeights | None = None
         self._packed: BlockWeights | None = None  # see `pack`
+        self._linear_layout: BlockWeights | None = None  # (out, in) matrices for the portable forward
         self._pack_wanted = False
         self.ffns_own_storage = False  # `weights()` gives each FFN copies, not views of the stacked buffers
+        self.portable = False  # `forward` in XNNPACK's ops (`mobilebert.deploy.mobile.portable`)
 
     def _attention_weights(self, block: Block) -> tuple[list, list[nn.Linear], Sublayer]:
         """(W, b) pieces of the first matmul, the Linears of the second, and the attention output's sub-layer;
@@ -317,25 +320,37 @@ class FusedBlock(nn.Module):
         return self._weights
 
     def _apply(self, fn, recurse=True):
-        self._weights = self._packed = None  # a packed copy would not follow a .to(): back to plain matmuls
+        self._weights = self._packed = self._linear_layout = None  # copies would not follow a .to()
         self._pack_wanted = False
         return super()._apply(fn, recurse)
 
     def __getstate__(self):
         """Copies and pickles leave the caches out (oneDNN's packed tensors have no storage to copy); a copy of a
         packed block packs its own weights on its first call."""
-        return {**self.__dict__, "_weights": None, "_packed": None}
+        return {**self.__dict__, "_weights": None, "_packed": None, "_linear_layout": None}
 
     def pack(self) -> None:
         """Run every matmul of the block as a oneDNN call on weights reordered once into its own layout, with the
         bias, the ReLU and the residual add fused in (for bf16 on CPUs with AVX512-BF16/AMX, where these calls are
         1.4–1.7× faster than `addmm` at MobileBERT's shapes). Any later `.to()` drops the packing."""
         self._pack_wanted = True
+        self._packed = self._weights_as(_pack)
+
+    def make_portable(self) -> None:
+        """Run `forward` in XNNPACK's ops (`_portable_forward`) on weights in nn.Linear's (out, in) layout, each
+        FFN's on its own storage: ExecuTorch's quantizer and partitioner take `F.linear` on constant tensors. Called
+        before a capture: weights built during one would be captured as ops on the buffers."""
+        self.portable = self.ffns_own_storage = True
+        self._weights = None
+        self._linear_layout = self._weights_as(lambda t: t.t().contiguous())
+
+    def _weights_as(self, layout: Callable[[torch.Tensor], torch.Tensor]) -> BlockWeights:
+        """`weights()` with every (in, out) matrix passed through `layout`."""
         w = self.weights()
-        packed_ffns = tuple((_pack(up_t), up_bias, _pack(down_t), *rest) for up_t, up_bias, down_t, *rest in w.ffns)
-        self._packed = w._replace(
-            in_t=_pack(w.in_t), qkv_t=None if w.qkv_t is None else _pack(w.qkv_t), ffns=packed_ffns,
-            attention=(_pack(w.attention[0]), *w.attention[1:]), output=(_pack(w.output[0]), *w.output[1:]))
+        ffns = tuple((layout(up_t), up_bias, layout(down_t), *rest) for up_t, up_bias, down_t, *rest in w.ffns)
+        return w._replace(in_t=layout(w.in_t), qkv_t=None if w.qkv_t is None else layout(w.qkv_t), ffns=ffns,
+                          attention=(layout(w.attention[0]), *w.attention[1:]),
+                          output=(layout(w.output[0]), *w.output[1:]))
 
     def residual_scales(self, tau: torch.Tensor, shift: torch.Tensor) -> dict[str, torch.Tensor | None] | None:
         """New buffers for a block whose input arrives as `h̃` with `h = tau*h̃ + shift` (per channel), such that
@@ -394,41 +409,46 @@ class FusedBlock(nn.Module):
         for name, value in new.items():
             old = getattr(self, name)
             setattr(self, name, None if value is None else value.to(old.dtype).contiguous())
-        self._weights = self._packed = None
+        self._weights = self._packed = self._linear_layout = None
 
-    def split_heads(self, t: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, ...]:
-        """(N, n*I) -> n views (B, H, T, I/H): no copies."""
-        return t.view(B, T, -1, self.heads, self.width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-
-    def attention_inputs(self, h: torch.Tensor, w: BlockWeights, B: int, T: int,
-                         linear: Callable = _addmm) -> tuple[torch.Tensor, ...]:
-        """The residual x (N, I), then q, k, v (B, H, T, I/H), from the block input h (N, D); `linear(x, W, b)`
+    def attention_inputs(self, h: torch.Tensor, w: BlockWeights, linear: Callable = _addmm
+                         ) -> tuple[torch.Tensor, ...]:
+        """The residual x, then q, k, v, each (N, I), from the block input h (N, D): column slices of the matmuls'
+        outputs (views; slices, not splits, because ExecuTorch's XNNPACK backend takes slices). `linear(x, W, b)`
         runs the matmuls (`_linear` on packed weights)."""
-        x, *rest = linear(h, w.in_t, w.in_bias).split_with_sizes(self.split, dim=1)
+        x, *rest = _columns(linear(h, w.in_t, w.in_bias), self.split)
         if w.input_norm is not None:
             x = w.input_norm(x)
+        I = self.width
         if self.shared:
             s, v = rest
             if w.qk_norm is not None:
                 s = w.qk_norm(s)
-            q, k = self.split_heads(linear(s, w.qkv_t, w.qkv_bias), B, T)
-            return x, q, k, v.view(B, T, self.heads, -1).transpose(1, 2)
+            return x, *_columns(linear(s, w.qkv_t, w.qkv_bias), [I, I]), v
         if self.bottleneck_attention:
-            return x, *self.split_heads(linear(x, w.qkv_t, w.qkv_bias), B, T)
-        return x, *self.split_heads(rest[0], B, T)
+            return x, *_columns(linear(x, w.qkv_t, w.qkv_bias), [I, I, I])
+        return x, *_columns(rest[0], [I, I, I])
+
+    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, B: int, T: int
+             ) -> torch.Tensor:
+        """Attention of q, k, v (N, I) through SDPA, heads as strided views (no copies); the context (N, I)."""
+        q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, I/H)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
+        return context.transpose(1, 2).reshape(B * T, self.width)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int,
                 keep_input: bool = False) -> torch.Tensor:
         """The block output (N, D); the sums of the residual steps are built in the memory of their residual,
         which for the last one is h: `keep_input` keeps h intact (it is returned as a hidden state)."""
+        if self.portable:
+            return self._portable_forward(h, mask, B, T)
         if self._pack_wanted and self._packed is None:
             self.pack()
         if self._packed is not None:
             return self._packed_forward(h, mask, B, T, keep_input)
         w = self.weights()
-        x, q, k, v = self.attention_inputs(h, w, B, T)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
-        a = residual(context.transpose(1, 2).reshape(B * T, self.width), x, *w.attention, reuse=True)  # (N, I)
+        x, q, k, v = self.attention_inputs(h, w)
+        a = residual(self.sdpa(q, k, v, mask, B, T), x, *w.attention, reuse=True)  # (N, I)
         for up_t, up_bias, *down in w.ffns:
             a = residual(w.act(torch.addmm(up_bias, a, up_t)), a, *down, reuse=True)
         return residual(a, h, *w.output, reuse=not keep_input)  # (N, D)
@@ -437,14 +457,55 @@ class FusedBlock(nn.Module):
                         keep_input: bool) -> torch.Tensor:
         """`forward` on the packed weights."""
         w = self._packed
-        x, q, k, v = self.attention_inputs(h, w, B, T, _linear)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
-        a = packed_residual(context.transpose(1, 2).reshape(B * T, self.width), x.contiguous(), *w.attention)
+        x, q, k, v = self.attention_inputs(h, w, _linear)
+        a = packed_residual(self.sdpa(q, k, v, mask, B, T), x.contiguous(), *w.attention)
         relu = w.act is torch.relu_
         for up, up_bias, *down in w.ffns:
             u = _linear(a, up, up_bias, "relu") if relu else w.act(_linear(a, up, up_bias))
             a = packed_residual(u, a, *down)
         return packed_residual(a, h, *w.output, reuse=not keep_input)
+
+    def _portable_forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor:
+        """`forward` in the ops ExecuTorch's XNNPACK backend delegates (`mobilebert.deploy.mobile`): a matmul
+        then an add where eager adds into the residual, attention as two bmm and a softmax (XNNPACK has no SDPA;
+        `mask` is finite there). Captured only: every op makes a new tensor."""
+        if self._linear_layout is None:
+            self.make_portable()
+        w = self._linear_layout
+        x, q, k, v = self.attention_inputs(h, w, F.linear)
+        a = _matmul_residual(bmm_attention(q, k, v, mask, B, T, self.heads), x, *w.attention)
+        for up, up_bias, *down in w.ffns:
+            a = _matmul_residual(w.act(F.linear(a, up, up_bias)), a, *down)
+        return _matmul_residual(a, h, *w.output)
+
+
+def _columns(t: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    """Consecutive column blocks of t (N, sum of widths), as views."""
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    return [t[:, start:start + width] for start, width in zip(starts, widths, strict=True)]
+
+
+def _matmul_residual(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     scale: torch.Tensor | None, norm: nn.Module | None) -> torch.Tensor:
+    """`residual` as `F.linear` (weight (out, in)) and a separate add of r (times NoNorm's gamma)."""
+    y = F.linear(x, weight, bias) + (r if scale is None else r * scale)
+    return y if norm is None else norm(y)
+
+
+def bmm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, B: int, T: int,
+                  heads: int) -> torch.Tensor:
+    """softmax(q kᵀ / √(I/H) + mask) v per head as bmm, softmax, bmm; q, k, v and the result (N, I), `mask`
+    additive (B, 1, 1, T) or None."""
+    d = q.shape[1] // heads
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(B, T, heads, d).permute(0, 2, 1, 3).reshape(B * heads, T, d)  # (B*H, T, I/H)
+
+    scores = torch.bmm(split(q) * torch.tensor(d ** -0.5, dtype=q.dtype), split(k).transpose(1, 2))  # (B*H, T, T)
+    if mask is not None:
+        scores = (scores.view(B, heads, T, T) + mask).view(B * heads, T, T)
+    context = torch.bmm(scores.softmax(dim=-1), split(v))  # (B*H, T, I/H)
+    return context.view(B, heads, T, d).permute(0, 2, 1, 3).reshape(B * T, heads * d)  # (N, I)
 
 
 class FusedMobileBert(nn.Module):
@@ -457,6 +518,7 @@ class FusedMobileBert(nn.Module):
         self.layers = nn.ModuleList([FusedBlock(block) for block in model.layers])
         self.has_pooler = model.has_pooler
         self.pooler = copy.deepcopy(model.pooler)
+        self.portable = False  # see `mobilebert.deploy.mobile.portable`
         self._scale_residuals()
 
     def _scale_residuals(self) -> None:
@@ -502,10 +564,12 @@ class FusedMobileBert(nn.Module):
         h = self.embeddings(input_ids, token_type_ids, attention_mask)  # (N, D)
         # additive (B, 1, 1, T): 0 for real keys, -inf for padding; built once for all blocks, and not at all without
         # padding (SDPA is faster without a mask) unless traced (the example's case would stick) or compiled (no
-        # data-dependent branch in the graph)
+        # data-dependent branch in the graph). Portable: the float's minimum, as eager's explicit path masks (a
+        # plain softmax, unlike SDPA's, would make NaN of an all-padding row's -inf)
         mask = None
         if attention_mask is not None and (_capturing() or not bool(attention_mask.all())):
-            mask = h.new_zeros(B, 1, 1, T).masked_fill_(attention_mask[:, None, None, :] == 0, float("-inf"))
+            fill = torch.finfo(h.dtype).min if self.portable else float("-inf")
+            mask = h.new_zeros(B, 1, 1, T).masked_fill_(attention_mask[:, None, None, :] == 0, fill)
         hidden, layers = [h], self.layers[:num_layers]
         for block in layers:
             h = block(h, mask, B, T, keep_input=output_hidden_states)

@@ -1,5 +1,5 @@
-"""`mobilebert export`: a checkpoint to ONNX (fp32, int8 dynamic, int8 static), to a PyTorch int8 module, or to an
-AOTInductor package (fp32, bf16).
+"""`mobilebert export`: a checkpoint to ONNX (fp32, int8 dynamic, int8 static), to a PyTorch int8 module, to an
+AOTInductor package (fp32, bf16), or to an ExecuTorch program (fp32, int8).
 
 The algorithm: load the checkpoint, export (and quantize), run export and eager model on the same held-out real
 text, record sizes and the agreement with eager in DIR/export.json. fp32 must match eager to 1e-4 relative error
@@ -9,10 +9,12 @@ or the command fails; int8 and bf16 are reported as measured, never failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import shutil
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,8 @@ from mobilebert.report import format_table
 from mobilebert.tokenizer import Tokenizer
 
 FORMATS = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-int8-static": "model-int8-static.onnx",
-           "torch-int8": "torch-int8.pt", "aoti": "model.pt2", "aoti-bf16": "model-bf16.pt2"}
+           "torch-int8": "torch-int8.pt", "aoti": "model.pt2", "aoti-bf16": "model-bf16.pt2",
+           "executorch": "model.pte", "executorch-int8": "model-int8.pte"}
 TASKS = {"backbone": "MobileBertModel", "pretraining": "MobileBertForPreTraining", "masked-lm": "MobileBertForMaskedLM",
          "nsp": "MobileBertForNextSentencePrediction", "seq-classification": "MobileBertForSequenceClassification",
          "multiple-choice": "MobileBertForMultipleChoice", "token-classification": "MobileBertForTokenClassification",
@@ -65,10 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="onnx (fp32), onnx-int8 (dynamic), onnx-int8-static (calibrated, QDQ), torch-int8 "
                              "(dynamic nn.Linear; written as a state dict), aoti / aoti-bf16 (the optimized model "
                              "compiled ahead of time by AOTInductor into a .pt2 package for this machine's CPU: the "
-                             "fastest; needs a C++ compiler, takes minutes at full size)")
+                             "fastest; needs a C++ compiler, takes minutes at full size), executorch / "
+                             "executorch-int8 (an ExecuTorch program for phones and small devices, XNNPACK-delegated, "
+                             "fixed shape 1 x --max-seq-length; int8: dynamically quantized Linears; needs "
+                             "mobilebert[mobile])")
     parser.add_argument("--task", choices=list(TASKS),
                         help="which head to export (default: the architecture in the checkpoint's config.json)")
-    parser.add_argument("--max-seq-length", type=int, default=128, help="tokens per example (default: 128)")
+    parser.add_argument("--max-seq-length", type=int, default=128,
+                        help="tokens per example (default: 128); an ExecuTorch program's fixed length (its runner "
+                             "pads shorter input)")
+    parser.add_argument("--choices", type=int, default=2,
+                        help="multiple choice: choices per example in the evaluation batch, and an ExecuTorch "
+                             "program's fixed number of them (default: 2)")
     parser.add_argument("--calibration", type=int, default=128, metavar="N",
                         help="calibration examples for onnx-int8-static (default: 128)")
     parser.add_argument("--calibration-text", metavar="FILE",
@@ -79,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     parser.add_argument("--threads", type=int,
                         help="onnxruntime intra-op threads (default: its own choice); for aoti, the thread count the "
-                             "package's parallel loops are built for (default: torch's, one per core)")
+                             "package's parallel loops are built for (default: torch's, one per core); for "
+                             "executorch, XNNPACK's threads for the parity check (default: one per core)")
     parser.add_argument("--no-optimize", dest="optimize", action="store_false",
                         help="export the eager model's graph instead of optimize_for_inference's (same outputs; the "
                              "optimized graph has NoNorm folded and the projections fused, and runs faster)")
@@ -101,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
     pairs = text_pairs(args.calibration_text) if tokenizer is not None else []
     n_cal = min(args.calibration, len(pairs)) if args.format == "onnx-int8-static" else 0
     calibration, held_out = pairs[:n_cal], pairs[n_cal:n_cal + EVAL_EXAMPLES] or pairs[-EVAL_EXAMPLES:]
-    batch = evaluation_batch(model, tokenizer, held_out, args.max_seq_length)
+    batch = evaluation_batch(model, tokenizer, held_out, args.max_seq_length, args.choices)
 
     files, fp32_bytes, runners = export(model, args, out, tokenizer, calibration)
     _copy_side_files(checkpoint, out)
@@ -137,12 +149,17 @@ def export(model: nn.Module, args: argparse.Namespace, out: Path, tokenizer: Tok
         print("compiling with AOTInductor (seconds for the small presets; MobileBERT: about a minute in fp32, two in "
               "bf16)")
         path = export_aoti(model, out / FORMATS[args.format], torch.bfloat16 if bf16 else None, args.threads)
-        package = AotiModel(path)
+        return {path.name: file_size(path)}, state_dict_size(model), {"bf16" if bf16 else "fp32": _run(AotiModel(path))}
+    if args.format in ("executorch", "executorch-int8"):
+        from mobilebert.deploy.mobile import ExecutorchModel, export_executorch
 
-        def run(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-            return {name: t.float().numpy() for name, t in package(**batch).items()}
-
-        return {path.name: file_size(path)}, state_dict_size(model), {"bf16" if bf16 else "fp32": run}
+        int8 = args.format == "executorch-int8"
+        print("lowering to ExecuTorch with XNNPACK (seconds for the small presets; MobileBERT: about a minute, two "
+              "with int8)")
+        path = export_executorch(model, out / FORMATS[args.format], length=_length(model, args.max_seq_length),
+                                 choices=args.choices, int8=int8)
+        program = ExecutorchModel(path, args.threads)
+        return {path.name: file_size(path)}, state_dict_size(model), {"int8" if int8 else "fp32": _run(program)}
     if args.format == "torch-int8":
         quantized = quantize_torch_dynamic(model)
         path = out / FORMATS["torch-int8"]
@@ -154,7 +171,8 @@ def export(model: nn.Module, args: argparse.Namespace, out: Path, tokenizer: Tok
     if args.format == "onnx-int8":
         paths["int8"] = quantize_onnx_dynamic(fp32, out / FORMATS["onnx-int8"])
     elif args.format == "onnx-int8-static":
-        batches = [_text_batch(model, tokenizer, calibration[i:i + CALIBRATION_BATCH], args.max_seq_length)
+        batches = [_text_batch(model, tokenizer, calibration[i:i + CALIBRATION_BATCH], args.max_seq_length,
+                               args.choices)
                    for i in range(0, len(calibration), CALIBRATION_BATCH)]
         paths["int8"] = quantize_onnx_static(fp32, out / FORMATS["onnx-int8-static"], batches,
                                              method=args.calibration_method)
@@ -171,6 +189,11 @@ def compare(model: nn.Module, runners: dict[str, Runner], batch: dict[str, torch
         parity[name] = {"relative_error": relative_errors(candidate, reference),
                         "argmax_agreement": argmax_agreement(candidate, reference, batch["attention_mask"])}
     return parity
+
+
+def _run(exported: Callable[..., dict[str, torch.Tensor]]) -> Runner:
+    """A runner for an exported model that returns torch tensors by name (AOTInductor, ExecuTorch)."""
+    return lambda batch: {name: t.float().numpy() for name, t in exported(**batch).items()}
 
 
 def _onnx_runner(path: Path, threads: int | None) -> Runner:
@@ -217,23 +240,28 @@ def text_pairs(path: str | None) -> list[Pair]:
 
 
 def evaluation_batch(model: nn.Module, tokenizer: Tokenizer | None, pairs: list[Pair],
-                     max_length: int) -> dict[str, torch.Tensor]:
-    """Tokenized `pairs`, or (without a tokenizer) random ids with padding."""
+                     max_length: int, choices: int = 2) -> dict[str, torch.Tensor]:
+    """Tokenized `pairs`, or (without a tokenizer) random ids with padding; multiple choice: `choices` per row."""
     if tokenizer is None or not pairs:
-        return example_batch(model, batch=8, length=max_length, seed=1)
-    return _text_batch(model, tokenizer, pairs, max_length)
+        return example_batch(model, batch=8, length=max_length, seed=1, choices=choices)
+    return _text_batch(model, tokenizer, pairs, max_length, choices)
 
 
-def _text_batch(model: nn.Module, tokenizer: Tokenizer, pairs: list[Pair], max_length: int
+def _length(model: nn.Module, max_length: int) -> int:
+    return min(max_length, model.config.max_position_embeddings)
+
+
+def _text_batch(model: nn.Module, tokenizer: Tokenizer, pairs: list[Pair], max_length: int, choices: int = 2
                 ) -> dict[str, torch.Tensor]:
-    max_length = min(max_length, model.config.max_position_embeddings)
+    max_length = _length(model, max_length)
     if all(second is not None for _, second in pairs):
         batch = tokenizer.encode_pairs([a for a, _ in pairs], [b for _, b in pairs], max_length=max_length)
     else:
         batch = tokenizer.encode_pairs([" ".join(filter(None, pair)) for pair in pairs], max_length=max_length)
-    if isinstance(model, TASK_MODELS["MobileBertForMultipleChoice"]):  # (B, T) -> (B/2, 2, T): pairs of choices
-        rows = batch["input_ids"].shape[0] // 2 * 2 or 1
-        batch = {k: v[:rows].view(-1, min(rows, 2), v.shape[-1]) for k, v in batch.items()}
+    if isinstance(model, TASK_MODELS["MobileBertForMultipleChoice"]):  # (B, T) -> (B/C, C, T): C choices per row
+        rows = batch["input_ids"].shape[0]
+        per_row = choices if rows >= choices else rows  # too little text for one full row: one shorter row
+        batch = {k: v[:rows // per_row * per_row].view(-1, per_row, v.shape[-1]) for k, v in batch.items()}
     return batch
 
 
@@ -251,13 +279,15 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"unknown task {args.task!r}; choose one of: {', '.join(TASKS)}")
     if args.max_seq_length < 4:
         raise UserError(f"--max-seq-length must be at least 4, got {args.max_seq_length}")
+    if args.choices < 1:
+        raise UserError(f"--choices must be a positive number, got {args.choices}")
     if args.calibration < 1:
         raise UserError(f"--calibration must be a positive number of examples, got {args.calibration}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be positive, got {args.threads}")
-    if args.format.startswith("aoti") and not args.optimize:
-        raise UserError("--no-optimize applies to the ONNX formats; an AOTInductor package always compiles the "
-                        "optimized model")
+    if args.format.startswith(("aoti", "executorch")) and not args.optimize:
+        raise UserError("--no-optimize applies to the ONNX formats; AOTInductor packages and ExecuTorch programs "
+                        "are always made from the optimized model")
     if args.format == "aoti-bf16" and not cpu_bf16():
         raise UserError("this CPU has no native bf16 (AVX512-BF16/AMX): a bf16 package built here would emulate it, "
                         "slower than fp32; use --format aoti")
@@ -271,8 +301,11 @@ def versions() -> dict[str, str]:
 
     from mobilebert import __version__
 
-    return {"mobilebert": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "python": platform.python_version()}
+    found = {"mobilebert": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "python": platform.python_version()}
+    with contextlib.suppress(PackageNotFoundError):
+        found["executorch"] = version("executorch")
+    return found
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -293,6 +326,8 @@ def summary(report: dict[str, Any]) -> str:
     runtime_threads = f"onnxruntime threads {c['threads'] or 'default'}"
     if report["format"].startswith("aoti"):
         runtime_threads = f"package built for {c['threads'] or c['torch_threads']} threads"
+    elif report["format"].startswith("executorch"):
+        runtime_threads = f"XNNPACK threads {c['threads'] or 'default'}"
     return "\n".join([
         format_table(["model", "max relative error vs eager", "argmax agreement"], rows),
         f"{report['architecture']} as {report['format']}: {sizes}",

@@ -1,0 +1,242 @@
+"""ExecuTorch programs: the optimized model as one `.pte` file for ExecuTorch, PyTorch's on-device runtime (Android,
+iOS, embedded Linux; and Python here), the whole encoder delegated to XNNPACK, ExecuTorch's CPU backend.
+
+`export_executorch` captures `optimize_for_inference(model)` with `torch.export` in the form XNNPACK's partitioner
+takes (`portable`): `F.linear` on constant (out, in) weights and a separate residual add where the optimized model
+adds into the residual with `addmm`, attention as bmm, softmax, bmm with a finite mask where it calls SDPA, and
+column slices where it splits. Lowered by `to_edge_transform_and_lower`, every matmul, attention and elementwise op
+of the encoder runs in one XNNPACK delegate call; only the embedding gathers and the mask are left to ExecuTorch's
+portable kernels. `int8=True`: dynamic quantization by ExecuTorch's XNNPACK quantizer (torchao's PT2E flow): every
+Linear's weights int8 per output channel, its input int8 per tensor, quantized on each call; the embedding tables
+and their projection stay float32.
+
+Shapes are fixed at export (batch, length and, for multiple choice, the number of choices): XNNPACK's slices need
+static shapes, and on-device runtimes plan their memory for one shape. `ExecutorchModel` pads shorter input to the
+program's length ([PAD], attention mask 0) and runs larger batches in chunks, so it takes any batch and any length
+up to the program's and returns outputs at the input's size. Padding is masked, so real tokens' outputs are those of
+the unpadded input, except through the trigram embedding of the last real token, which sees the [PAD] embedding as
+its right neighbour where the unpadded input has zeros: the same as eager on a padded batch (our models keep the
+[PAD] row zero, so there it changes nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mobilebert.checkpoint import atomic_write
+from mobilebert.deploy.export import INPUT_NAMES, Exportable, dynamic_axes, eager_outputs, eval_mode, example_batch
+from mobilebert.deploy.optimize import FusedBlock, FusedEmbeddings, FusedMobileBert, optimize_for_inference
+from mobilebert.errors import UserError
+from mobilebert.model import check_length, check_same_shapes
+
+METADATA_METHOD = "mobilebert_metadata"  # a constant method of the program: our metadata as UTF-8 JSON bytes
+INSTALL_HINT = "ExecuTorch is not installed: pip install 'mobilebert[mobile]' (executorch)"
+
+
+def portable(fused: nn.Module) -> nn.Module:
+    """`fused` (an optimized model) switched to the forward ExecuTorch's XNNPACK backend delegates; returned.
+
+    Captures only: eager calls of the portable forward are correct but slower than the optimized model's own.
+    """
+    for module in fused.modules():
+        if isinstance(module, FusedBlock):
+            module.make_portable()
+        elif isinstance(module, (FusedEmbeddings, FusedMobileBert)):
+            module.portable = True
+    return fused
+
+
+def export_executorch(model: nn.Module, path: str | os.PathLike, batch: int = 1, length: int = 128,
+                      choices: int = 2, int8: bool = False) -> Path:
+    """Write `model` (the backbone or any task model) as the ExecuTorch program `path` (.pte) for inputs of shape
+    (batch, length), or (batch, choices, length) for multiple choice.
+
+    The program computes `optimize_for_inference(model)` (float32, or with int8 dynamically quantized Linears), its
+    inputs are `input_ids`, `attention_mask`, `token_type_ids` and its outputs the model's inference fields, named
+    in the program's `mobilebert_metadata` method (`ExecutorchModel` returns them by name). Lowering takes seconds for
+    the tiny presets and about a minute for MobileBERT (two with int8). Written atomically; `model` is left as it was.
+    """
+    lower, partitioner, quantizer = executorch_lowering()
+    path = Path(path)
+    if min(batch, length, choices) < 1:
+        raise UserError(f"batch, length and choices must be positive, got {batch}, {length}, {choices}")
+    check_length(length, model.config.max_position_embeddings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with eval_mode(model):
+        example = example_batch(model, batch=batch, length=length, choices=choices)
+        names = list(eager_outputs(model, example))
+        wrapper = Exportable(portable(optimize_for_inference(model)), names).eval()
+        inputs = tuple(example[name] for name in INPUT_NAMES)
+        metadata = {"architecture": type(model).__name__, "outputs": names, "dtype": "int8" if int8 else "float32",
+                    "axes": dynamic_axes(model, names), "pad_token_id": model.config.pad_token_id,
+                    "shape": list(example["input_ids"].shape),
+                    "config": model.config.to_transformers_dict(type(model).__name__)}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.export's and torchao's notes on internals
+            program = torch.export.export(wrapper, inputs)
+            if int8:
+                program = _quantized(program, inputs, quantizer())
+            lowered = lower(_without_unused_buffers(program), partitioner=[partitioner()],
+                            constant_methods={METADATA_METHOD: _utf8(json.dumps(metadata))}).to_executorch()
+    atomic_write(path, lambda tmp: tmp.write_bytes(lowered.buffer))
+    return path
+
+
+def executorch_lowering() -> tuple[Any, Any, Any]:
+    """ExecuTorch's lowering function, XNNPACK partitioner and a dynamic int8 quantizer factory; a UserError that
+    says how to install ExecuTorch where it is missing."""
+    try:
+        with quiet_stderr():
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer,
+                get_symmetric_quantization_config,
+            )
+            from executorch.exir import to_edge_transform_and_lower
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+
+    def quantizer() -> XNNPACKQuantizer:
+        return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
+
+    return to_edge_transform_and_lower, XnnpackPartitioner, quantizer
+
+
+def _quantized(program: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...],
+               quantizer: Any) -> torch.export.ExportedProgram:
+    """`program` with its Linears int8 (PT2E: annotate, observe one call, convert), captured again."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    graph = prepare_pt2e(program.module(), quantizer)
+    graph(*inputs)  # dynamic quantization observes only the weights, but they are observed on a call
+    return torch.export.export(convert_pt2e(graph), inputs)
+
+
+def _without_unused_buffers(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """`program` without the buffers its graph never reads, returned; ExecuTorch would store them in the file.
+
+    The portable forward reads copies of the optimized model's matrices in nn.Linear's layout, so the (in, out)
+    originals are captured as inputs and left unused: half the file.
+    """
+    from torch.export.graph_signature import InputKind
+
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    specs = program.graph_signature.input_specs
+    unused = [spec for spec in specs if spec.kind in (InputKind.BUFFER, InputKind.PARAMETER)
+              and not placeholders[spec.arg.name].users]
+    for spec in unused:
+        specs.remove(spec)
+        program.state_dict.pop(spec.target, None)
+        program.constants.pop(spec.target, None)  # non-persistent buffers live here
+        program.graph.erase_node(placeholders[spec.arg.name])
+    program.graph_module.recompile()
+    return program
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence what ExecuTorch's C++ runtime and torchao write straight to stderr while loading (the runtime's CPU
+    probing, optional CUDA kernels torchao cannot load here): notes, not errors; errors arrive as exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _utf8(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+
+class ExecutorchModel:
+    """An ExecuTorch program written by `export_executorch`, called like our models.
+
+    `model(input_ids, attention_mask=None, token_type_ids=None)` takes torch tensors or numpy arrays of any batch
+    and any length up to the program's, and returns a dict of float32 torch tensors by output name, at the input's
+    batch and length. `threads`: XNNPACK's thread pool size (process-wide; default ExecuTorch's, one per core).
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such ExecuTorch program")
+        try:
+            with quiet_stderr():
+                from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+                from executorch.runtime import Runtime
+        except ImportError:
+            raise UserError(INSTALL_HINT) from None
+        try:
+            with quiet_stderr():  # loading logs the runtime's probing of the CPU
+                program = Runtime.get().load_program(path)
+                if METADATA_METHOD not in program.method_names:
+                    raise UserError(f"{path}: not a mobilebert program (written by `mobilebert export --format "
+                                    "executorch`)")
+                metadata = json.loads(bytes(program.load_method(METADATA_METHOD).execute([])[0].tolist()))
+                self.method = program.load_method("forward")
+                if threads is not None:
+                    _unsafe_reset_threadpool(threads)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the loader raises plain RuntimeErrors for unreadable files
+            raise UserError(f"{path}: cannot load ExecuTorch program: {str(e).splitlines()[0]}") from None
+        self.path = path
+        self.output_names: list[str] = metadata["outputs"]
+        self.architecture: str = metadata["architecture"]
+        self.dtype: str = metadata["dtype"]
+        self.config: dict[str, Any] = metadata["config"]
+        self.shape: tuple[int, ...] = tuple(metadata["shape"])  # (batch, [choices,] length) of one call
+        self.pad_token_id: int = metadata["pad_token_id"]
+        self._sequence_axis = {name: next((int(axis) for axis, label in axes.items() if label == "sequence"), None)
+                               for name, axes in metadata["axes"].items()}
+
+    def __call__(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None
+                 ) -> dict[str, torch.Tensor]:
+        ids = torch.as_tensor(input_ids, dtype=torch.int64)
+        if ids.dim() != len(self.shape) or ids.shape[1:-1] != self.shape[1:-1] or ids.shape[-1] == 0:
+            expected = "(batch, " + "".join(f"{c}, " for c in self.shape[1:-1]) + "tokens)"
+            raise UserError(f"input_ids must be {expected} for this {self.architecture} program, "
+                            f"got shape {tuple(ids.shape)}")
+        rows, length = ids.shape[0], ids.shape[-1]
+        if length > self.shape[-1]:
+            raise UserError(f"sequence length {length} exceeds the program's fixed length {self.shape[-1]}; export "
+                            "it again with a larger --max-seq-length")
+        check_length(length, self.config["max_position_embeddings"])
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask, dtype=torch.int64)
+        types = torch.zeros_like(ids) if token_type_ids is None else torch.as_tensor(token_type_ids,
+                                                                                      dtype=torch.int64)
+        check_same_shapes(ids, mask, types)
+        per_call = self.shape[0]
+        extra_rows = -rows % per_call
+        padded = [_pad(t, self.shape[-1] - length, extra_rows, value) for t, value in
+                  ((ids, self.pad_token_id), (mask, 0), (types, 0))]
+        chunks = [self.method.execute([t[i:i + per_call].contiguous() for t in padded])
+                  for i in range(0, rows + extra_rows, per_call)]
+        outputs = {}
+        for k, name in enumerate(self.output_names):
+            out = torch.cat([chunk[k] for chunk in chunks])[:rows]
+            axis = self._sequence_axis[name]
+            outputs[name] = (out if axis is None else out.narrow(axis, 0, length)).float()
+        return outputs
+
+
+def _pad(t: torch.Tensor, tokens: int, rows: int, value: int) -> torch.Tensor:
+    """`t` (B, ..., T) with `tokens` more positions and `rows` more rows, all `value`."""
+    t = F.pad(t, (0, tokens), value=value)
+    return torch.cat([t, t.new_full((rows, *t.shape[1:]), value)]) if rows else t
