@@ -169,7 +169,9 @@ class ExecutorchModel:
 
     `model(input_ids, attention_mask=None, token_type_ids=None)` takes torch tensors or numpy arrays of any batch
     and any length up to the program's, and returns a dict of float32 torch tensors by output name, at the input's
-    batch and length. `threads`: XNNPACK's thread pool size (process-wide; default ExecuTorch's, one per core).
+    batch and length. `threads`: the size of ExecuTorch's thread pool (default: one thread per core). The pool
+    is process-wide and every loaded program keeps using the one it was loaded with, so the size can change only
+    before the first program of the process is loaded (later, another size is refused).
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
@@ -178,20 +180,20 @@ class ExecutorchModel:
             raise UserError(f"{path}: no such ExecuTorch program")
         try:
             with quiet_stderr():
-                from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
                 from executorch.runtime import Runtime
         except ImportError:
             raise UserError(INSTALL_HINT) from None
         try:
             with quiet_stderr():  # loading logs the runtime's probing of the CPU
+                if threads is not None:
+                    _set_threads(threads)
                 program = Runtime.get().load_program(path)
                 if METADATA_METHOD not in program.method_names:
                     raise UserError(f"{path}: not a mobilebert program (written by `mobilebert export --format "
                                     "executorch`)")
                 metadata = json.loads(bytes(program.load_method(METADATA_METHOD).execute([])[0].tolist()))
                 self.method = program.load_method("forward")
-                if threads is not None:
-                    _unsafe_reset_threadpool(threads)
+                _loaded.append(path)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - the loader raises plain RuntimeErrors for unreadable files
@@ -234,6 +236,22 @@ class ExecutorchModel:
             axis = self._sequence_axis[name]
             outputs[name] = (out if axis is None else out.narrow(axis, 0, length)).float()
         return outputs
+
+
+_loaded: list[Path] = []  # the programs loaded in this process: they hold on to the thread pool of their loading
+
+
+def _set_threads(threads: int) -> None:
+    """Resize ExecuTorch's process-wide thread pool, where no loaded program holds on to the current one."""
+    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
+
+    current = _threadpool_get_thread_count()
+    if threads == current:
+        return
+    if _loaded:
+        raise UserError(f"ExecuTorch's thread pool has {current} threads and {_loaded[0]} runs on it: the pool is "
+                        "process-wide and can be resized only before the first program is loaded")
+    _unsafe_reset_threadpool(threads)
 
 
 def _pad(t: torch.Tensor, tokens: int, rows: int, value: int) -> torch.Tensor:

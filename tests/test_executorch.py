@@ -1,0 +1,210 @@
+"""ExecuTorch programs (`export_executorch`, `ExecutorchModel`, `mobilebert export --format executorch`) on tiny
+random models, and the portable forward they are captured from.
+
+A program has a fixed shape (here mostly 2 x 16); the runner pads shorter input with [PAD] and mask 0 and runs larger
+batches in chunks, so every check compares with eager on the same input padded to the program's length, then cut
+back (the randomized [PAD] embedding reaches the last real token through the trigram window, as in a padded batch).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HEADS, TINY, VARIANTS, assert_same_outputs, build, padded_batch, relative_error, run_export
+
+import mobilebert as mb
+from mobilebert.deploy.mobile import portable
+
+FP32_TOL = 1e-4
+LENGTH = 16
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_portable_forward_matches_eager_for_every_variant(variant):
+    """What ExecuTorch captures, run as plain PyTorch: every variant, padding included."""
+    eager = build("PreTraining", mb.MobileBertConfig(**{**TINY, **VARIANTS[variant]}))
+    fast = portable(mb.optimize_for_inference(eager))
+    assert_same_outputs(fast, eager, padded_batch())
+    assert_same_outputs(fast, eager, padded_batch(batch=1, length=1), hidden_states=False)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_the_portable_forward_matches_eager_for_every_head(head):
+    eager = build(head, mb.MobileBertConfig(**TINY, classifier_activation=True))
+    batch = padded_batch()
+    if head == "MultipleChoice":
+        batch = {k: v.unsqueeze(0) for k, v in batch.items()}
+    assert_same_outputs(portable(mb.optimize_for_inference(eager)), eager, batch, hidden_states=False)
+
+
+# ---- ExecuTorch itself (the `mobile` extra) ----
+
+executorch = pytest.importorskip("executorch", reason="ExecuTorch is not installed (pip install 'mobilebert[mobile]')")
+
+from mobilebert.deploy.mobile import ExecutorchModel, export_executorch  # noqa: E402
+
+
+def eager_padded(eager: torch.nn.Module, batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """Eager's outputs for `batch` padded to `length` tokens ([PAD], mask 0), cut back to the batch's length."""
+    tokens = batch["input_ids"].shape[-1]
+    padded = {k: F.pad(v, (0, length - tokens), value=eager.config.pad_token_id if k == "input_ids" else 0)
+              for k, v in batch.items()}
+    with torch.no_grad():
+        out = eager(**padded)
+    return {name: getattr(out, name).narrow(1, 0, tokens) if getattr(out, name).dim() > 2 or name.endswith(
+        ("start_logits", "end_logits")) else getattr(out, name) for name in ("last_hidden_state", "pooler_output",
+        "prediction_logits", "seq_relationship_logits", "logits", "start_logits", "end_logits")
+        if getattr(out, name, None) is not None}
+
+
+def assert_program_matches(program: ExecutorchModel, eager: torch.nn.Module, batch: dict[str, torch.Tensor],
+                           tol: float = FP32_TOL) -> None:
+    expected = eager_padded(eager, batch, program.shape[-1])
+    out = program(**batch)
+    assert list(out) == program.output_names == list(expected)
+    for name, t in out.items():
+        assert t.shape == expected[name].shape, name
+        assert relative_error(t, expected[name]) <= tol, name
+
+
+@pytest.fixture(scope="module")
+def mobilebert_program(tmp_path_factory):
+    """MobileBERT (the default variant) with the pretraining heads, as a 2 x 16 program."""
+    eager = build("PreTraining", mb.MobileBertConfig(**TINY))
+    path = export_executorch(eager, tmp_path_factory.mktemp("executorch") / "model.pte", batch=2, length=LENGTH)
+    return eager, ExecutorchModel(path)
+
+
+def test_program_matches_eager_on_any_batch_and_length_and_records_the_model(mobilebert_program):
+    eager, program = mobilebert_program
+    for batch in (padded_batch(batch=2, length=LENGTH), padded_batch(batch=1, length=5, seed=1),
+                  padded_batch(batch=5, length=11, seed=2), padded_batch(batch=1, length=1, seed=3)):
+        assert_program_matches(program, eager, batch)
+    assert program.output_names == ["prediction_logits", "seq_relationship_logits"]
+    assert program.architecture == "MobileBertForPreTraining" and program.dtype == "float32"
+    assert program.shape == (2, LENGTH) and program.config["hidden_size"] == TINY["hidden_size"]
+    assert [p.name for p in program.path.parent.iterdir()] == ["model.pte"]  # no temporary file left
+
+
+def test_the_whole_encoder_is_one_xnnpack_call(tmp_path):
+    """What makes the program fast: no matmul, attention or elementwise op of the encoder left to the portable
+    kernels (checked to fail with `addmm` into the residual, which XNNPACK does not take)."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    from mobilebert.deploy import mobile
+
+    captured = {}
+
+    def spy(program, **kwargs):
+        captured["lowered"] = to_edge_transform_and_lower(program, **kwargs)
+        return captured["lowered"]
+
+    lowering = mobile.executorch_lowering
+    eager = build("Model", mb.MobileBertConfig(**TINY))
+    mobile_lowering = lambda: (spy, *lowering()[1:])  # noqa: E731
+    original, mobile.executorch_lowering = mobile.executorch_lowering, mobile_lowering
+    try:
+        export_executorch(eager, tmp_path / "model.pte", length=LENGTH)
+    finally:
+        mobile.executorch_lowering = original
+    targets = [str(node.target) for node in captured["lowered"].exported_program().graph.nodes
+               if node.op == "call_function"]
+    assert sum("executorch_call_delegate" in t for t in targets) == 1
+    left = [t for t in targets if any(op in t for op in ("mm", "bmm", "softmax", "linear", "_scaled_dot", "mul.",
+                                                         "relu", "add.Tensor"))]
+    assert left == []
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "mobilebert"])
+def test_every_other_variant_matches_eager_and_is_left_untouched(variant, tmp_path):
+    eager = build("PreTraining", mb.MobileBertConfig(**{**TINY, **VARIANTS[variant]}))
+    eager.train()
+    before = {k: v.clone() for k, v in eager.state_dict().items()}
+    program = ExecutorchModel(export_executorch(eager, tmp_path / "model.pte", length=LENGTH))
+    assert eager.training and all(torch.equal(before[k], v) for k, v in eager.state_dict().items())
+    assert_program_matches(program, eager.eval(), padded_batch(batch=3, length=9))
+
+
+def test_multiple_choice_and_question_answering_programs(tmp_path):
+    cfg = mb.MobileBertConfig(**TINY, classifier_activation=True)
+    eager = build("MultipleChoice", cfg)
+    program = ExecutorchModel(export_executorch(eager, tmp_path / "mc.pte", length=LENGTH + 4, choices=3))
+    batch = {k: v.view(2, 3, -1) for k, v in padded_batch(batch=6, length=LENGTH).items()}  # every row has a token
+    assert_program_matches(program, eager, batch)
+    with pytest.raises(mb.UserError, match=r"must be \(batch, 3, tokens\)"):
+        program(batch["input_ids"][:, :2])
+    eager = build("QuestionAnswering", cfg)
+    program = ExecutorchModel(export_executorch(eager, tmp_path / "qa.pte", length=LENGTH))
+    batch = padded_batch(length=12)
+    assert_program_matches(program, eager, batch)
+    ids = batch["input_ids"][:1].numpy()  # numpy in, mask and types filled in
+    assert program(ids)["start_logits"].shape == (1, 12)
+
+
+def test_int8_program_is_smaller_and_close_to_eager(tmp_path):
+    cfg = mb.MobileBertConfig(**TINY)  # Linears hold most weights, as at full size
+    torch.manual_seed(0)
+    eager = mb.MobileBertModel(cfg).eval()  # the model's own init: `build`'s noise everywhere is no int8 case
+    fp32 = export_executorch(eager, tmp_path / "fp32.pte", length=LENGTH)
+    int8 = ExecutorchModel(export_executorch(eager, tmp_path / "int8.pte", length=LENGTH, int8=True))
+    block_weights = sum(m.weight.numel() for m in eager.layers.modules() if isinstance(m, torch.nn.Linear))
+    saved = fp32.stat().st_size - int8.path.stat().st_size
+    assert int8.dtype == "int8" and saved > 1.5 * block_weights  # 3 of 4 bytes, less per-channel scales (many here)
+    batch = padded_batch(length=LENGTH)
+    expected = eager_padded(eager, batch, LENGTH)["last_hidden_state"]
+    error = relative_error(int8(**batch)["last_hidden_state"], expected)
+    assert 1e-5 < error < 5e-2  # quantized (not fp32's 1e-7), and close
+
+
+def test_executorch_model_refuses_what_it_cannot_run(mobilebert_program, tmp_path):
+    from executorch.exir import to_edge
+
+    with pytest.raises(mb.UserError, match="no such ExecuTorch program"):
+        ExecutorchModel(tmp_path / "missing.pte")
+    (tmp_path / "junk.pte").write_bytes(b"not a program")
+    with pytest.raises(mb.UserError, match="cannot load ExecuTorch program"):
+        ExecutorchModel(tmp_path / "junk.pte")
+    other = to_edge(torch.export.export(torch.nn.ReLU(), (torch.ones(2),))).to_executorch()
+    (tmp_path / "other.pte").write_bytes(other.buffer)
+    with pytest.raises(mb.UserError, match="not a mobilebert program"):
+        ExecutorchModel(tmp_path / "other.pte")
+    program = mobilebert_program[1]
+    too_long = torch.ones(1, LENGTH + 1, dtype=torch.long)
+    with pytest.raises(mb.UserError, match="exceeds the program's fixed length 16"):
+        program(too_long)
+    with pytest.raises(mb.UserError, match="attention_mask has shape"):
+        program(too_long[:, :8], attention_mask=too_long[:, :9])
+    with pytest.raises(mb.UserError, match=r"must be \(batch, tokens\)"):
+        program(too_long[0])
+    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+
+    threads = _threadpool_get_thread_count()
+    assert ExecutorchModel(program.path, threads=threads).shape == program.shape  # the pool's size: nothing changes
+    with pytest.raises(mb.UserError, match="can be resized only before the first program"):
+        ExecutorchModel(program.path, threads=threads + 1)  # would leave the loaded programs on a freed pool
+    with pytest.raises(mb.UserError, match="exceeds the model's maximum"):
+        export_executorch(mobilebert_program[0], tmp_path / "long.pte", length=TINY["max_position_embeddings"] + 1)
+
+
+def test_export_command_writes_programs_that_match_eager(checkpoint, tmp_path, capsys):
+    path, text = checkpoint
+    out = tmp_path / "out"
+    assert run_export([str(path), "--out", str(out), "--format", "executorch", "--calibration-text", str(text),
+                       "--max-seq-length", "32"]) == 0
+    report = json.loads((out / "export.json").read_text())
+    assert list(report["files"]) == ["model.pte"] and report["fp32_ok"]
+    assert report["parity"]["fp32"]["relative_error"]["logits"] <= FP32_TOL
+    assert report["parity"]["fp32"]["argmax_agreement"]["logits"] == 1.0
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert ExecutorchModel(out / "model.pte").shape == (1, 32) and "executorch" in report["versions"]
+    printed = capsys.readouterr().out
+    assert "XNNPACK threads default" in printed and json.loads(printed.splitlines()[-1])["format"] == "executorch"
+    assert run_export([str(path), "--out", str(out), "--format", "executorch-int8", "--calibration-text", str(text),
+                       "--max-seq-length", "32"]) == 0
+    report = json.loads((out / "export.json").read_text())
+    assert list(report["files"]) == ["model-int8.pte"] and report["parity"]["int8"]["relative_error"]["logits"] > 0
+    with pytest.raises(mb.UserError, match="--no-optimize applies to the ONNX formats"):
+        run_export([str(path), "--out", str(out), "--format", "executorch", "--no-optimize"])
