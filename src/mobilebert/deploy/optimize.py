@@ -19,6 +19,9 @@ Every rewrite is exact algebra; outputs differ from eager only by float rounding
 - Activations stay 2-D (tokens × width) between matmuls, weights are stored pre-transposed and contiguous.
 - Dropout is gone (inference only). LayerNorm (w/o OPT, the teacher) stays LayerNorm, with eager's eps.
 
+Where a runtime needs other ops, the same weights run another forward: `FusedBlock.pack` (oneDNN-prepacked bf16),
+`FusedBlock.make_portable` (the ops ExecuTorch's XNNPACK backend takes; `mobilebert.deploy.mobile.portable`).
+
 Axes: B batch, T tokens, N = B*T, H heads, D hidden_size, I intra_bottleneck_size, E embedding_size, V vocab.
 """
 
