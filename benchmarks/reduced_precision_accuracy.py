@@ -3,9 +3,10 @@
 For each built-in task, the distilled student's fine-tuned model (`RUN/finetune-student/<task>/final`) is scored on
 the task's validation split (`RUN/tasks/<task>`) by the official metric, run as: fp32 eager, bf16 optimized
 (`optimize_for_inference(dtype=torch.bfloat16)`), bf16 compiled (`compile_for_inference(dtype=torch.bfloat16)`,
-which compiles per new input shape: a minute or two per task), and ONNX Runtime dynamic int8 (of the optimized
-graph). Prints a table of scores and each path's largest drop from fp32 in points (GLUE-style fractions × 100;
-SQuAD-style scores are percentages already), then one JSON line.
+which compiles per new input shape: a minute or two per task), ONNX Runtime dynamic int8 (of the optimized
+graph), and the ExecuTorch int8 program (XNNPACK, dynamic int8, one sequence of the task's length per call; needs
+the `mobile` extra). Prints a table of scores and each path's largest drop from fp32 in points (GLUE-style
+fractions × 100; SQuAD-style scores are percentages already), then one JSON line.
 
     python benchmarks/reduced_precision_accuracy.py --run runs/demo
     python benchmarks/reduced_precision_accuracy.py --run runs/demo --paths bf16-compiled --tasks builtin-order
@@ -28,23 +29,23 @@ from mobilebert.report import format_table
 from mobilebert.tokenizer import Tokenizer
 
 
-def _fp32(model, tmp: Path):
+def _fp32(model, tmp: Path, length: int):
     return model
 
 
-def _bf16(model, tmp: Path):
+def _bf16(model, tmp: Path, length: int):
     from mobilebert.deploy.optimize import optimize_for_inference
 
     return optimize_for_inference(model, dtype=torch.bfloat16)
 
 
-def _bf16_compiled(model, tmp: Path):
+def _bf16_compiled(model, tmp: Path, length: int):
     from mobilebert.deploy.compiled import compile_for_inference
 
     return compile_for_inference(model, dtype=torch.bfloat16)
 
 
-def _onnx_int8(model, tmp: Path):
+def _onnx_int8(model, tmp: Path, length: int):
     from mobilebert.deploy.export import OnnxModel, OnnxTaskModel, export_onnx
     from mobilebert.deploy.quantize import quantize_onnx_dynamic
 
@@ -52,8 +53,16 @@ def _onnx_int8(model, tmp: Path):
     return OnnxTaskModel(OnnxModel(int8, threads=torch.get_num_threads()))
 
 
+def _executorch_int8(model, tmp: Path, length: int):
+    from mobilebert.deploy.export import OnnxTaskModel
+    from mobilebert.deploy.mobile import ExecutorchModel, export_executorch
+
+    program = ExecutorchModel(export_executorch(model, tmp / "model-int8.pte", length=length, int8=True))
+    return OnnxTaskModel(program)  # any exported model returning outputs by name
+
+
 PATHS: dict[str, Callable] = {"fp32": _fp32, "bf16": _bf16, "bf16-compiled": _bf16_compiled,
-                              "onnx-int8": _onnx_int8}
+                              "onnx-int8": _onnx_int8, "executorch-int8": _executorch_int8}
 
 
 def main() -> None:
@@ -79,7 +88,7 @@ def main() -> None:
         scores[name], points[name] = {}, 1.0 if task.kind == "qa" else 100.0
         for path in paths:
             with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-                runnable = PATHS[path](model, Path(tmp))
+                runnable = PATHS[path](model, Path(tmp), settings.seq_length(task))
                 scores[name][path] = score(dev, predict(runnable, dev, tokenizer, settings), settings)
             print(f"{name} {path}: {scores[name][path]}", flush=True)
     rows = []

@@ -127,3 +127,14 @@ def run_export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     export_recipe.add_arguments(parser)
     return export_recipe.main(parser.parse_args(argv))
+
+
+def export_report(checkpoint: tuple, out, fmt: str, *extra: str) -> dict:
+    """`mobilebert export` of the `checkpoint` fixture's model to `out` as `fmt` (32 tokens, its calibration text),
+    checked to succeed; the export.json it wrote."""
+    import json
+
+    path, text = checkpoint
+    argv = [str(path), "--out", str(out), "--format", fmt, "--calibration-text", str(text), "--max-seq-length", "32"]
+    assert run_export([*argv, *extra]) == 0
+    return json.loads((out / "export.json").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, VARIANTS, build, inputs_for, padded_batch, relative_error, run_export
+from conftest import TINY, VARIANTS, build, export_report, inputs_for, padded_batch, relative_error, run_export
 from torch.utils import cmake_prefix_path
 
 import mobilebert as mb
@@ -101,11 +101,8 @@ def test_aoti_model_refuses_what_it_cannot_run(mobilebert_package, tmp_path, mon
 
 
 def test_export_command_writes_a_package_that_matches_eager(checkpoint, tmp_path, capsys):
-    path, text = checkpoint
     out = tmp_path / "out"
-    assert run_export([str(path), "--out", str(out), "--format", "aoti", "--threads", "1",
-                       "--calibration-text", str(text), "--max-seq-length", "32"]) == 0
-    report = json.loads((out / "export.json").read_text())
+    report = export_report(checkpoint, out, "aoti", "--threads", "1")
     assert list(report["files"]) == ["model.pt2"] and report["fp32_ok"]
     assert report["parity"]["fp32"]["relative_error"]["logits"] <= FP32_TOL
     assert report["parity"]["fp32"]["argmax_agreement"]["logits"] == 1.0
@@ -114,16 +111,13 @@ def test_export_command_writes_a_package_that_matches_eager(checkpoint, tmp_path
     printed = capsys.readouterr().out
     assert "package built for 1 threads" in printed and json.loads(printed.splitlines()[-1])["format"] == "aoti"
     with pytest.raises(mb.UserError, match="--no-optimize applies to the ONNX formats"):
-        run_export([str(path), "--out", str(out), "--format", "aoti", "--no-optimize"])
+        run_export([str(checkpoint[0]), "--out", str(out), "--format", "aoti", "--no-optimize"])
 
 
 @pytest.mark.skipif(not cpu_bf16(), reason="the CPU has no native bf16")
 def test_export_command_bf16_package_is_close_to_eager(checkpoint, tmp_path):
-    path, text = checkpoint
     out = tmp_path / "bf16"
-    assert run_export([str(path), "--out", str(out), "--format", "aoti-bf16", "--calibration-text", str(text),
-                       "--max-seq-length", "32"]) == 0
-    report = json.loads((out / "export.json").read_text())
+    report = export_report(checkpoint, out, "aoti-bf16")
     assert list(report["files"]) == ["model-bf16.pt2"] and report["fp32_ok"]
     assert report["parity"]["bf16"]["relative_error"]["logits"] < 3e-2
     assert AotiModel(out / "model-bf16.pt2").dtype == torch.bfloat16

@@ -13,7 +13,17 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HEADS, TINY, VARIANTS, assert_same_outputs, build, padded_batch, relative_error, run_export
+from conftest import (
+    HEADS,
+    TINY,
+    VARIANTS,
+    assert_same_outputs,
+    build,
+    export_report,
+    padded_batch,
+    relative_error,
+    run_export,
+)
 
 import mobilebert as mb
 from mobilebert.deploy.mobile import portable
@@ -190,11 +200,8 @@ def test_executorch_model_refuses_what_it_cannot_run(mobilebert_program, tmp_pat
 
 
 def test_export_command_writes_programs_that_match_eager(checkpoint, tmp_path, capsys):
-    path, text = checkpoint
     out = tmp_path / "out"
-    assert run_export([str(path), "--out", str(out), "--format", "executorch", "--calibration-text", str(text),
-                       "--max-seq-length", "32"]) == 0
-    report = json.loads((out / "export.json").read_text())
+    report = export_report(checkpoint, out, "executorch")
     assert list(report["files"]) == ["model.pte"] and report["fp32_ok"]
     assert report["parity"]["fp32"]["relative_error"]["logits"] <= FP32_TOL
     assert report["parity"]["fp32"]["argmax_agreement"]["logits"] == 1.0
@@ -202,9 +209,7 @@ def test_export_command_writes_programs_that_match_eager(checkpoint, tmp_path, c
     assert ExecutorchModel(out / "model.pte").shape == (1, 32) and "executorch" in report["versions"]
     printed = capsys.readouterr().out
     assert "XNNPACK threads default" in printed and json.loads(printed.splitlines()[-1])["format"] == "executorch"
-    assert run_export([str(path), "--out", str(out), "--format", "executorch-int8", "--calibration-text", str(text),
-                       "--max-seq-length", "32"]) == 0
-    report = json.loads((out / "export.json").read_text())
+    report = export_report(checkpoint, out, "executorch-int8")
     assert list(report["files"]) == ["model-int8.pte"] and report["parity"]["int8"]["relative_error"]["logits"] > 0
     with pytest.raises(mb.UserError, match="--no-optimize applies to the ONNX formats"):
-        run_export([str(path), "--out", str(out), "--format", "executorch", "--no-optimize"])
+        run_export([str(checkpoint[0]), "--out", str(out), "--format", "executorch", "--no-optimize"])

@@ -195,14 +195,14 @@ def _executorch(model, weights, workdir, threads, int8: bool = False) -> Backend
 
 
 def _hf_mobilebert(model, weights, workdir, threads) -> Backend:
-    import transformers
+    transformers = _transformers()
 
     theirs = transformers.MobileBertModel.from_pretrained(weights).eval()
     return Backend("hf-mobilebert", lambda b: _hidden(theirs(**b)), _size(weights / "model.safetensors"))
 
 
 def _hf_bert_base(model, weights, workdir, threads) -> Backend:
-    import transformers
+    transformers = _transformers()
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=model.config.vocab_size)  # BERT-base: 12 × 768, 12 heads, FFN 3072
@@ -210,6 +210,17 @@ def _hf_bert_base(model, weights, workdir, threads) -> Backend:
     path = workdir / "bert-base"
     bert.save_pretrained(path)
     return Backend("hf-bert-base", lambda b: _hidden(bert(**b)), _size(path / "model.safetensors"), config=cfg)
+
+
+def _transformers() -> Any:
+    """transformers, imported without the notes it prints where torchao (ExecuTorch's dependency) is installed."""
+    from mobilebert.deploy.mobile import quiet_stderr
+
+    with quiet_stderr():
+        import transformers
+
+        transformers.MobileBertModel, transformers.BertModel  # noqa: B018  (lazy modules: import them now)
+    return transformers
 
 
 def bert_flops(cfg: Any, seq: int) -> int:
@@ -265,15 +276,12 @@ def _peak_rss_mb(name: str, weights: str, workdir: str, threads: int, inputs: di
     kernel's peak-RSS mark, run two forwards; the peak above the RSS of the process before it loaded anything, in
     MB. Memory a first call allocates and keeps (a compiled graph, a runtime's arena) counts; its transient peak
     (inductor compiling) does not."""
-    from mobilebert.deploy.mobile import quiet_stderr
-
     torch.set_num_threads(threads)
     importlib.import_module("torch._inductor.compile_fx")  # library code is not the backend's memory
     with contextlib.suppress(ImportError):
         importlib.import_module("onnxruntime")
-    with contextlib.suppress(ImportError), quiet_stderr():  # transformers imports torchao where it is installed
-        transformers = importlib.import_module("transformers")
-        transformers.MobileBertModel, transformers.BertModel  # noqa: B018  (lazy modules: import them now)
+    with contextlib.suppress(ImportError):
+        _transformers()
     _release_freed_memory()
     before = _status_kb("VmRSS")
     model = MobileBertModel.from_pretrained(weights).eval()

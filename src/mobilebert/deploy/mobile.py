@@ -116,7 +116,8 @@ def executorch_lowering() -> tuple[Any, Any, Any]:
 def _quantized(program: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...],
                quantizer: Any) -> torch.export.ExportedProgram:
     """`program` with its Linears int8 (PT2E: annotate, observe one call, convert), captured again."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    with quiet_stderr():
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     graph = prepare_pt2e(program.module(), quantizer)
     graph(*inputs)  # dynamic quantization observes only the weights, but they are observed on a call
