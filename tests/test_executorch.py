@@ -55,6 +55,7 @@ def test_the_portable_forward_matches_eager_for_every_head(head):
 executorch = pytest.importorskip("executorch", reason="ExecuTorch is not installed (pip install 'mobilebert[mobile]')")
 
 from mobilebert.deploy.mobile import ExecutorchModel, export_executorch  # noqa: E402
+from mobilebert.deploy.quantize import state_dict_size  # noqa: E402
 
 
 def eager_padded(eager: torch.nn.Module, batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
@@ -128,8 +129,8 @@ def test_the_whole_encoder_is_one_xnnpack_call(tmp_path):
     assert left == []
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "mobilebert"])
-def test_every_other_variant_matches_eager_and_is_left_untouched(variant, tmp_path):
+@pytest.mark.parametrize("variant", ["mobilebert-tiny", "mobilebert-no-opt"])  # IB-BERT's forward: as no-opt's
+def test_other_variants_match_eager_and_are_left_untouched(variant, tmp_path):
     eager = build("PreTraining", mb.MobileBertConfig(**{**TINY, **VARIANTS[variant]}))
     eager.train()
     before = {k: v.clone() for k, v in eager.state_dict().items()}
@@ -158,10 +159,9 @@ def test_int8_program_is_smaller_and_close_to_eager(tmp_path):
     cfg = mb.MobileBertConfig(**TINY)  # Linears hold most weights, as at full size
     torch.manual_seed(0)
     eager = mb.MobileBertModel(cfg).eval()  # the model's own init: `build`'s noise everywhere is no int8 case
-    fp32 = export_executorch(eager, tmp_path / "fp32.pte", length=LENGTH)
     int8 = ExecutorchModel(export_executorch(eager, tmp_path / "int8.pte", length=LENGTH, int8=True))
     block_weights = sum(m.weight.numel() for m in eager.layers.modules() if isinstance(m, torch.nn.Linear))
-    saved = fp32.stat().st_size - int8.path.stat().st_size
+    saved = state_dict_size(eager) - int8.path.stat().st_size  # fp32 weights; an fp32 program is about that size
     assert int8.dtype == "int8" and saved > 1.5 * block_weights  # 3 of 4 bytes, less per-channel scales (many here)
     batch = padded_batch(length=LENGTH)
     expected = eager_padded(eager, batch, LENGTH)["last_hidden_state"]

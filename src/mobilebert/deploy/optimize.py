@@ -414,30 +414,41 @@ class FusedBlock(nn.Module):
             setattr(self, name, None if value is None else value.to(old.dtype).contiguous())
         self._weights = self._packed = self._linear_layout = None
 
-    def attention_inputs(self, h: torch.Tensor, w: BlockWeights, linear: Callable = _addmm
-                         ) -> tuple[torch.Tensor, ...]:
-        """The residual x, then q, k, v, each (N, I), from the block input h (N, D): column slices of the matmuls'
-        outputs (views; slices, not splits, because ExecuTorch's XNNPACK backend takes slices). `linear(x, W, b)`
-        runs the matmuls (`_linear` on packed weights)."""
-        x, *rest = _columns(linear(h, w.in_t, w.in_bias), self.split)
+    def split_heads(self, t: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, ...]:
+        """(N, n*I) -> n views (B, H, T, I/H): no copies."""
+        return t.view(B, T, -1, self.heads, self.width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def attention_inputs(self, h: torch.Tensor, w: BlockWeights, B: int, T: int, linear: Callable = _addmm,
+                         portable: bool = False) -> tuple[torch.Tensor, ...]:
+        """The residual x (N, I), then q, k, v (B, H, T, I/H), from the block input h (N, D); `linear(x, W, b)`
+        runs the matmuls (`_linear` on packed weights). `portable`: q, k, v stay (N, I), every block of columns
+        cut by its own slice (XNNPACK takes slices, not splits or strided head views)."""
+        if portable:
+            def columns(t: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+                starts = [sum(widths[:i]) for i in range(len(widths))]
+                return [t[:, start:start + width] for start, width in zip(starts, widths, strict=True)]
+
+            def heads(t: torch.Tensor) -> list[torch.Tensor]:
+                return columns(t, [self.width] * (t.shape[1] // self.width))
+        else:
+            def columns(t: torch.Tensor, widths: list[int]) -> tuple[torch.Tensor, ...]:
+                return t.split_with_sizes(widths, dim=1)
+
+            def heads(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                return self.split_heads(t, B, T)
+
+        x, *rest = columns(linear(h, w.in_t, w.in_bias), self.split)
         if w.input_norm is not None:
             x = w.input_norm(x)
-        I = self.width
         if self.shared:
             s, v = rest
             if w.qk_norm is not None:
                 s = w.qk_norm(s)
-            return x, *_columns(linear(s, w.qkv_t, w.qkv_bias), [I, I]), v
+            q, k = heads(linear(s, w.qkv_t, w.qkv_bias))
+            return x, q, k, v if portable else v.view(B, T, self.heads, -1).transpose(1, 2)
         if self.bottleneck_attention:
-            return x, *_columns(linear(x, w.qkv_t, w.qkv_bias), [I, I, I])
-        return x, *_columns(rest[0], [I, I, I])
-
-    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, B: int, T: int
-             ) -> torch.Tensor:
-        """Attention of q, k, v (N, I) through SDPA, heads as strided views (no copies); the context (N, I)."""
-        q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, I/H)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
-        return context.transpose(1, 2).reshape(B * T, self.width)
+            return x, *heads(linear(x, w.qkv_t, w.qkv_bias))
+        return x, *heads(rest[0])
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int,
                 keep_input: bool = False) -> torch.Tensor:
@@ -450,8 +461,9 @@ class FusedBlock(nn.Module):
         if self._packed is not None:
             return self._packed_forward(h, mask, B, T, keep_input)
         w = self.weights()
-        x, q, k, v = self.attention_inputs(h, w)
-        a = residual(self.sdpa(q, k, v, mask, B, T), x, *w.attention, reuse=True)  # (N, I)
+        x, q, k, v = self.attention_inputs(h, w, B, T)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
+        a = residual(context.transpose(1, 2).reshape(B * T, self.width), x, *w.attention, reuse=True)  # (N, I)
         for up_t, up_bias, *down in w.ffns:
             a = residual(w.act(torch.addmm(up_bias, a, up_t)), a, *down, reuse=True)
         return residual(a, h, *w.output, reuse=not keep_input)  # (N, D)
@@ -460,8 +472,9 @@ class FusedBlock(nn.Module):
                         keep_input: bool) -> torch.Tensor:
         """`forward` on the packed weights."""
         w = self._packed
-        x, q, k, v = self.attention_inputs(h, w, _linear)
-        a = packed_residual(self.sdpa(q, k, v, mask, B, T), x.contiguous(), *w.attention)
+        x, q, k, v = self.attention_inputs(h, w, B, T, _linear)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
+        a = packed_residual(context.transpose(1, 2).reshape(B * T, self.width), x.contiguous(), *w.attention)
         relu = w.act is torch.relu_
         for up, up_bias, *down in w.ffns:
             u = _linear(a, up, up_bias, "relu") if relu else w.act(_linear(a, up, up_bias))
@@ -475,17 +488,11 @@ class FusedBlock(nn.Module):
         if self._linear_layout is None:
             self.make_portable()
         w = self._linear_layout
-        x, q, k, v = self.attention_inputs(h, w, F.linear)
+        x, q, k, v = self.attention_inputs(h, w, B, T, F.linear, portable=True)
         a = _matmul_residual(bmm_attention(q, k, v, mask, B, T, self.heads), x, *w.attention)
         for up, up_bias, *down in w.ffns:
             a = _matmul_residual(w.act(F.linear(a, up, up_bias)), a, *down)
         return _matmul_residual(a, h, *w.output)
-
-
-def _columns(t: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
-    """Consecutive column blocks of t (N, sum of widths), as views."""
-    starts = [sum(widths[:i]) for i in range(len(widths))]
-    return [t[:, start:start + width] for start, width in zip(starts, widths, strict=True)]
 
 
 def _matmul_residual(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
