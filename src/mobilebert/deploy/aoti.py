@@ -27,10 +27,18 @@ from torch import nn
 
 from mobilebert.checkpoint import atomic_write
 from mobilebert.deploy.compiled import inductor_settings, own_ffn_storage
-from mobilebert.deploy.export import INPUT_NAMES, Exportable, dynamic_axes, eager_outputs, eval_mode, example_batch
+from mobilebert.deploy.export import (
+    INPUT_NAMES,
+    Exportable,
+    dynamic_axes,
+    eager_outputs,
+    eval_mode,
+    example_batch,
+    runner_inputs,
+)
 from mobilebert.deploy.optimize import optimize_for_inference
 from mobilebert.errors import UserError
-from mobilebert.model import check_length, check_same_shapes
+from mobilebert.model import check_length
 
 _META = "mobilebert."  # prefix of our keys in the package's metadata
 
@@ -116,14 +124,10 @@ class AotiModel:
 
     def __call__(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None
                  ) -> dict[str, torch.Tensor]:
-        ids = torch.as_tensor(input_ids, dtype=torch.int64)
+        ids, mask, types = runner_inputs(input_ids, attention_mask, token_type_ids)
         if ids.dim() < 2:
             raise UserError(f"input_ids must be (batch, tokens), got shape {tuple(ids.shape)}")
         check_length(ids.shape[-1], self.max_positions)
-        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask, dtype=torch.int64)
-        types = torch.zeros_like(ids) if token_type_ids is None else torch.as_tensor(token_type_ids,
-                                                                                      dtype=torch.int64)
-        check_same_shapes(ids, mask, types)
         with torch.no_grad():
             outputs = self.runner(ids.contiguous(), mask.contiguous(), types.contiguous())
         return dict(zip(self.output_names, outputs, strict=True))

@@ -27,7 +27,7 @@ from mobilebert.checkpoint import atomic_write
 from mobilebert.deploy.optimize import optimize_for_inference
 from mobilebert.errors import UserError
 from mobilebert.heads import MobileBertForMaskedLM, MobileBertForMultipleChoice, MobileBertForTokenClassification
-from mobilebert.model import check_length
+from mobilebert.model import check_length, check_same_shapes
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on; onnxruntime ≥ 1.14 runs it
@@ -196,6 +196,17 @@ class OnnxModel:
                 "token_type_ids": np.zeros_like(ids) if token_type_ids is None else _int64(token_type_ids)}
         results = self.session.run(self.output_names, {k: v for k, v in feed.items() if k in self.input_names})
         return dict(zip(self.output_names, results, strict=True))
+
+
+def runner_inputs(input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inputs of a compiled-model runner (`AotiModel`, `ExecutorchModel`) as int64 torch tensors from torch
+    tensors or numpy arrays: the mask all ones and the token types zeros where not given, both of the ids' shape."""
+    ids = torch.as_tensor(input_ids, dtype=torch.int64)
+    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask, dtype=torch.int64)
+    types = torch.zeros_like(ids) if token_type_ids is None else torch.as_tensor(token_type_ids, dtype=torch.int64)
+    check_same_shapes(ids, mask, types)
+    return ids, mask, types
 
 
 def _int64(x: torch.Tensor | np.ndarray) -> np.ndarray:

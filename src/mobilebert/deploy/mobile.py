@@ -35,10 +35,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilebert.checkpoint import atomic_write
-from mobilebert.deploy.export import INPUT_NAMES, Exportable, dynamic_axes, eager_outputs, eval_mode, example_batch
+from mobilebert.deploy.export import (
+    INPUT_NAMES,
+    Exportable,
+    dynamic_axes,
+    eager_outputs,
+    eval_mode,
+    example_batch,
+    runner_inputs,
+)
 from mobilebert.deploy.optimize import FusedBlock, FusedEmbeddings, FusedMobileBert, optimize_for_inference
 from mobilebert.errors import UserError
-from mobilebert.model import check_length, check_same_shapes
+from mobilebert.model import check_length
 
 METADATA_METHOD = "mobilebert_metadata"  # a constant method of the program: our metadata as UTF-8 JSON bytes
 INSTALL_HINT = "ExecuTorch is not installed: pip install 'mobilebert[mobile]' (executorch)"
@@ -211,7 +219,7 @@ class ExecutorchModel:
 
     def __call__(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None
                  ) -> dict[str, torch.Tensor]:
-        ids = torch.as_tensor(input_ids, dtype=torch.int64)
+        ids, mask, types = runner_inputs(input_ids, attention_mask, token_type_ids)
         if ids.dim() != len(self.shape) or ids.shape[1:-1] != self.shape[1:-1] or ids.shape[-1] == 0:
             expected = "(batch, " + "".join(f"{c}, " for c in self.shape[1:-1]) + "tokens)"
             raise UserError(f"input_ids must be {expected} for this {self.architecture} program, "
@@ -221,10 +229,6 @@ class ExecutorchModel:
             raise UserError(f"sequence length {length} exceeds the program's fixed length {self.shape[-1]}; export "
                             "it again with a larger --max-seq-length")
         check_length(length, self.config["max_position_embeddings"])
-        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask, dtype=torch.int64)
-        types = torch.zeros_like(ids) if token_type_ids is None else torch.as_tensor(token_type_ids,
-                                                                                      dtype=torch.int64)
-        check_same_shapes(ids, mask, types)
         per_call = self.shape[0]
         extra_rows = -rows % per_call
         padded = [_pad(t, self.shape[-1] - length, extra_rows, value) for t, value in
