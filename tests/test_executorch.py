@@ -54,7 +54,7 @@ def test_the_portable_forward_matches_eager_for_every_head(head):
 
 executorch = pytest.importorskip("executorch", reason="ExecuTorch is not installed (pip install 'mobilebert[mobile]')")
 
-from mobilebert.deploy.mobile import ExecutorchModel, export_executorch  # noqa: E402
+from mobilebert.deploy.mobile import ExecutorchModel, Int8Embedding, export_executorch  # noqa: E402
 from mobilebert.deploy.quantize import state_dict_size  # noqa: E402
 
 
@@ -160,13 +160,25 @@ def test_int8_program_is_smaller_and_close_to_eager(tmp_path):
     torch.manual_seed(0)
     eager = mb.MobileBertModel(cfg).eval()  # the model's own init: `build`'s noise everywhere is no int8 case
     int8 = ExecutorchModel(export_executorch(eager, tmp_path / "int8.pte", length=LENGTH, int8=True))
-    block_weights = sum(m.weight.numel() for m in eager.layers.modules() if isinstance(m, torch.nn.Linear))
+    int8_weights = eager.embeddings.word.weight.numel() + sum(  # the word table and every Linear
+        m.weight.numel() for m in eager.modules() if isinstance(m, torch.nn.Linear))
     saved = state_dict_size(eager) - int8.path.stat().st_size  # fp32 weights; an fp32 program is about that size
-    assert int8.dtype == "int8" and saved > 1.5 * block_weights  # 3 of 4 bytes, less per-channel scales (many here)
+    assert int8.dtype == "int8" and saved > 1.5 * int8_weights  # 3 of 4 bytes, less per-channel scales (many here)
     batch = padded_batch(length=LENGTH)
     expected = eager_padded(eager, batch, LENGTH)["last_hidden_state"]
     error = relative_error(int8(**batch)["last_hidden_state"], expected)
     assert 1e-5 < error < 5e-2  # quantized (not fp32's 1e-7), and close
+
+
+def test_int8_embedding_rounds_each_row_to_its_own_scale():
+    weight = torch.tensor([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0], [-254.0, 127.0, 3.0]])
+    table = Int8Embedding(weight)
+    assert table.weight.dtype == torch.int8 and torch.equal(table.scale, torch.tensor([1 / 127, 1.0, 2.0]))
+    assert torch.equal(table.weight[2], torch.tensor([-127, 64, 2], dtype=torch.int8))  # 63.5 and 1.5 round to even
+    rows = table(torch.tensor([[2, 1], [0, 2]]))  # ExecuTorch's kernel, dequantized
+    assert rows.shape == (2, 2, 3) and torch.equal(rows[0, 1], torch.zeros(3))  # a zero row stays exactly zero
+    assert torch.equal(rows[0, 0], torch.tensor([-254.0, 128.0, 4.0]))
+    assert (rows[1, 0] - weight[0]).abs().max() <= 0.5 / 127
 
 
 def test_executorch_model_refuses_what_it_cannot_run(mobilebert_program, tmp_path):

@@ -7,8 +7,9 @@ adds into the residual with `addmm`, attention as bmm, softmax, bmm with a finit
 column slices where it splits. Lowered by `to_edge_transform_and_lower`, every matmul, attention and elementwise op
 of the encoder runs in one XNNPACK delegate call; only the embedding gathers and the mask are left to ExecuTorch's
 portable kernels. `int8=True`: dynamic quantization by ExecuTorch's XNNPACK quantizer (torchao's PT2E flow): every
-Linear's weights int8 per output channel, its input int8 per tensor, quantized on each call; the embedding tables
-and their projection stay float32.
+Linear's weights int8 per output channel, its input int8 per tensor, quantized on each call; the word embedding
+table int8 per row (ExecuTorch's `embedding_byte` kernel), the embedding projection like the Linears; the position
+and token-type tables, 1 MB at full size, stay float32.
 
 Shapes are fixed at export (batch, length and, for multiple choice, the number of choices): XNNPACK's slices need
 static shapes, and on-device runtimes plan their memory for one shape. `ExecutorchModel` pads shorter input to the
@@ -58,9 +59,9 @@ def portable(fused: nn.Module) -> nn.Module:
     Captures only: eager calls of the portable forward are correct but slower than the optimized model's own.
     """
     for module in fused.modules():
-        if isinstance(module, FusedBlock):
+        if isinstance(module, (FusedBlock, FusedEmbeddings)):
             module.make_portable()
-        elif isinstance(module, (FusedEmbeddings, FusedMobileBert)):
+        elif isinstance(module, FusedMobileBert):
             module.portable = True
     return fused
 
@@ -84,7 +85,12 @@ def export_executorch(model: nn.Module, path: str | os.PathLike, batch: int = 1,
     with eval_mode(model):
         example = example_batch(model, batch=batch, length=length, choices=choices)
         names = list(eager_outputs(model, example))
-        wrapper = Exportable(portable(optimize_for_inference(model)), names).eval()
+        fused = portable(optimize_for_inference(model))
+        if int8:
+            _ops()
+            for embeddings in [m for m in fused.modules() if isinstance(m, FusedEmbeddings)]:
+                embeddings.word = Int8Embedding(embeddings.word.weight)
+        wrapper = Exportable(fused, names).eval()
         inputs = tuple(example[name] for name in INPUT_NAMES)
         metadata = {"architecture": type(model).__name__, "outputs": names, "dtype": "int8" if int8 else "float32",
                     "axes": dynamic_axes(model, names), "pad_token_id": model.config.pad_token_id,
@@ -119,6 +125,28 @@ def executorch_lowering() -> tuple[Any, Any, Any]:
         return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
 
     return to_edge_transform_and_lower, XnnpackPartitioner, quantizer
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table in int8, one float32 scale per row (symmetric: zero maps to zero), looked up by ExecuTorch's
+    `quantized_decomposed::embedding_byte` kernel, which returns the dequantized rows."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        scale = weight.detach().float().abs().amax(dim=1) / 127
+        scale = torch.where(scale > 0, scale, 1.0)  # an all-zero row (our [PAD] and past-the-end rows)
+        self.register_buffer("weight", torch.round(weight.detach() / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized_decomposed.embedding_byte.default(self.weight, self.scale, None, -127, 127, ids)
+
+
+def _ops() -> None:
+    """Register ExecuTorch's quantized operators: their Python definitions (for capture) and kernels (to run)."""
+    with quiet_stderr():
+        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401
+        import executorch.kernels.quantized  # noqa: F401
 
 
 def _quantized(program: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...],
@@ -193,6 +221,7 @@ class ExecutorchModel:
         except ImportError:
             raise UserError(INSTALL_HINT) from None
         try:
+            _ops()  # an int8 program's embedding kernel
             with quiet_stderr():  # loading logs the runtime's probing of the CPU
                 if threads is not None:
                     _set_threads(threads)

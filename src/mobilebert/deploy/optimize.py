@@ -197,7 +197,12 @@ class FusedEmbeddings(nn.Module):
         self.register_buffer("token_type", token_type.clone())  # (types, D)
         self.register_buffer("position_type0", position + token_type[0])  # (P, D): for token_type_ids=None
         self.norm = _layer_norm(emb.norm)
-        self.portable = False  # the projection as matmul then add (`mobilebert.deploy.mobile.portable`)
+        self.weight: torch.Tensor | None = None  # (D, 3E): the projection in nn.Linear's layout, once portable
+
+    def make_portable(self) -> None:
+        """Project with `F.linear` on a constant (out, in) copy of the weight, then add the positions: the form
+        ExecuTorch's quantizer and XNNPACK's partitioner take (`mobilebert.deploy.mobile.portable`)."""
+        self.weight = self.weight_t.t().contiguous()
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -214,7 +219,7 @@ class FusedEmbeddings(nn.Module):
         else:
             base = (F.embedding(token_type_ids, self.token_type) + self.position[:T]).view(B * T, -1)
         if self.project:
-            h = torch.mm(x, self.weight_t) + base if self.portable else torch.addmm(base, x, self.weight_t)
+            h = torch.addmm(base, x, self.weight_t) if self.weight is None else F.linear(x, self.weight) + base
         else:
             h = base + x if self.scale is None else torch.addcmul(base, x, self.scale)  # base may view a buffer
         return h if self.norm is None else self.norm(h)  # (N, D)
