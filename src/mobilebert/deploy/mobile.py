@@ -11,13 +11,11 @@ Linear's weights int8 per output channel, its input int8 per tensor, quantized o
 table int8 per row (ExecuTorch's `embedding_byte` kernel), the embedding projection like the Linears; the position
 and token-type tables, 1 MB at full size, stay float32.
 
-Shapes are fixed at export (batch, length and, for multiple choice, the number of choices): XNNPACK's slices need
-static shapes, and on-device runtimes plan their memory for one shape. `ExecutorchModel` pads shorter input to the
-program's length ([PAD], attention mask 0) and runs larger batches in chunks, so it takes any batch and any length
-up to the program's and returns outputs at the input's size. Padding is masked, so real tokens' outputs are those of
-the unpadded input, except through the trigram embedding of the last real token, which sees the [PAD] embedding as
-its right neighbour where the unpadded input has zeros: the same as eager on a padded batch (our models keep the
-[PAD] row zero, so there it changes nothing).
+One program takes every sequence length from 1 to the `length` it was exported for; its batch (and, for multiple
+choice, the number of choices) is fixed: XNNPACK's reshapes may leave one size to infer, and attention reshapes
+through both batch and length. Each reshape's length is written as that inferred size (`_inferred_sizes`), so the
+whole encoder still lowers to one delegate call. `ExecutorchModel` runs larger batches in chunks and pads a last
+short chunk with rows of [PAD], so it takes any batch; outputs come back at the input's size.
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mobilebert.checkpoint import atomic_write
@@ -69,7 +66,7 @@ def portable(fused: nn.Module) -> nn.Module:
 def export_executorch(model: nn.Module, path: str | os.PathLike, batch: int = 1, length: int = 128,
                       choices: int = 2, int8: bool = False) -> Path:
     """Write `model` (the backbone or any task model) as the ExecuTorch program `path` (.pte) for inputs of shape
-    (batch, length), or (batch, choices, length) for multiple choice.
+    (batch, T), or (batch, choices, T) for multiple choice, any T from 1 to `length`.
 
     The program computes `optimize_for_inference(model)` (float32, or with int8 dynamically quantized Linears), its
     inputs are `input_ids`, `attention_mask`, `token_type_ids` and its outputs the model's inference fields, named
@@ -92,16 +89,20 @@ def export_executorch(model: nn.Module, path: str | os.PathLike, batch: int = 1,
                 embeddings.word = Int8Embedding(embeddings.word.weight)
         wrapper = Exportable(fused, names).eval()
         inputs = tuple(example[name] for name in INPUT_NAMES)
+        axes = dynamic_axes(model, names)
+        sequence = torch.export.Dim("sequence", min=1, max=length) if length > 1 else None
+        shapes = {name: {axis: sequence for axis, label in axes[name].items() if label == "sequence" and sequence}
+                  for name in INPUT_NAMES}
         metadata = {"architecture": type(model).__name__, "outputs": names, "dtype": "int8" if int8 else "float32",
-                    "axes": dynamic_axes(model, names), "pad_token_id": model.config.pad_token_id,
-                    "shape": list(example["input_ids"].shape),
+                    "axes": axes, "pad_token_id": model.config.pad_token_id, "shape": list(example["input_ids"].shape),
                     "config": model.config.to_transformers_dict(type(model).__name__)}
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.export's and torchao's notes on internals
-            program = torch.export.export(wrapper, inputs)
+            program = torch.export.export(wrapper, inputs, dynamic_shapes=shapes)
             if int8:
-                program = _quantized(program, inputs, quantizer())
-            lowered = lower(_without_unused_buffers(program), partitioner=[partitioner()],
+                program = _quantized(program, inputs, shapes, quantizer())
+            lowered = lower(_without_unused_buffers(program), transform_passes=[_inferred_sizes],
+                            partitioner=[partitioner()],
                             constant_methods={METADATA_METHOD: _utf8(json.dumps(metadata))}).to_executorch()
     atomic_write(path, lambda tmp: tmp.write_bytes(lowered.buffer))
     return path
@@ -149,7 +150,7 @@ def _ops() -> None:
         import executorch.kernels.quantized  # noqa: F401
 
 
-def _quantized(program: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...],
+def _quantized(program: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...], shapes: dict,
                quantizer: Any) -> torch.export.ExportedProgram:
     """`program` with its Linears int8 (PT2E: annotate, observe one call, convert), captured again."""
     with quiet_stderr():
@@ -157,7 +158,22 @@ def _quantized(program: torch.export.ExportedProgram, inputs: tuple[torch.Tensor
 
     graph = prepare_pt2e(program.module(), quantizer)
     graph(*inputs)  # dynamic quantization observes only the weights, but they are observed on a call
-    return torch.export.export(convert_pt2e(graph), inputs)
+    return torch.export.export(convert_pt2e(graph), inputs, dynamic_shapes=shapes)
+
+
+def _inferred_sizes(graph_module: torch.fx.GraphModule) -> None:
+    """Write the one symbolic size of each reshape as -1 (inferred), in place: XNNPACK's partitioner takes
+    reshapes with one inferred size but none with a symbolic one, which is what the edge dialect's `view_copy` gets
+    (it resolves the -1 of `bmm_attention`'s reshapes into the sequence length)."""
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "__name__", "") == "aten.view_copy.default":
+            size = list(node.args[1])
+            symbolic = [i for i, d in enumerate(size) if not isinstance(d, int)]
+            if len(symbolic) == 1 and -1 not in size:
+                size[symbolic[0]] = -1
+                node.args = (node.args[0], size, *node.args[2:])
+    graph_module.graph.eliminate_dead_code()
+    graph_module.recompile()
 
 
 def _without_unused_buffers(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
@@ -243,8 +259,6 @@ class ExecutorchModel:
         self.config: dict[str, Any] = metadata["config"]
         self.shape: tuple[int, ...] = tuple(metadata["shape"])  # (batch, [choices,] length) of one call
         self.pad_token_id: int = metadata["pad_token_id"]
-        self._sequence_axis = {name: next((int(axis) for axis, label in axes.items() if label == "sequence"), None)
-                               for name, axes in metadata["axes"].items()}
 
     def __call__(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None
                  ) -> dict[str, torch.Tensor]:
@@ -255,21 +269,16 @@ class ExecutorchModel:
                             f"got shape {tuple(ids.shape)}")
         rows, length = ids.shape[0], ids.shape[-1]
         if length > self.shape[-1]:
-            raise UserError(f"sequence length {length} exceeds the program's fixed length {self.shape[-1]}; export "
-                            "it again with a larger --max-seq-length")
+            raise UserError(f"sequence length {length} exceeds the program's maximum {self.shape[-1]}; export it "
+                            "again with a larger --max-seq-length")
         check_length(length, self.config["max_position_embeddings"])
         per_call = self.shape[0]
         extra_rows = -rows % per_call
-        padded = [_pad(t, self.shape[-1] - length, extra_rows, value) for t, value in
-                  ((ids, self.pad_token_id), (mask, 0), (types, 0))]
+        padded = [_pad_rows(t, extra_rows, value) for t, value in ((ids, self.pad_token_id), (mask, 0), (types, 0))]
         chunks = [self.method.execute([t[i:i + per_call].contiguous() for t in padded])
                   for i in range(0, rows + extra_rows, per_call)]
-        outputs = {}
-        for k, name in enumerate(self.output_names):
-            out = torch.cat([chunk[k] for chunk in chunks])[:rows]
-            axis = self._sequence_axis[name]
-            outputs[name] = (out if axis is None else out.narrow(axis, 0, length)).float()
-        return outputs
+        return {name: torch.cat([chunk[k] for chunk in chunks])[:rows].float()
+                for k, name in enumerate(self.output_names)}
 
 
 _loaded: list[Path] = []  # the programs loaded in this process: they hold on to the thread pool of their loading
@@ -288,7 +297,6 @@ def _set_threads(threads: int) -> None:
     _unsafe_reset_threadpool(threads)
 
 
-def _pad(t: torch.Tensor, tokens: int, rows: int, value: int) -> torch.Tensor:
-    """`t` (B, ..., T) with `tokens` more positions and `rows` more rows, all `value`."""
-    t = F.pad(t, (0, tokens), value=value)
+def _pad_rows(t: torch.Tensor, rows: int, value: int) -> torch.Tensor:
+    """`t` with `rows` more rows, all `value`."""
     return torch.cat([t, t.new_full((rows, *t.shape[1:]), value)]) if rows else t

@@ -213,11 +213,14 @@ class FusedEmbeddings(nn.Module):
                 ids = ids.masked_fill(attention_mask == 0, self.zero_index)  # [PAD] shifts in as zeros
             ids = F.pad(ids, (1, 1), value=self.zero_index)
             ids = torch.stack([ids[:, :-2], ids[:, 1:-1], ids[:, 2:]], dim=2)  # (B, T, 3): t-1, t, t+1
-        x = self.word(ids).view(B * T, -1)  # (N, 3E) or (N, E)
+        # reshapes name every size but one (ExecuTorch: see `bmm_attention`)
+        x = self.word(ids)
+        x = x.reshape(-1, x.shape[-2] * x.shape[-1]) if self.trigram else x.view(-1, x.shape[-1])  # (N, 3E) or (N, E)
+        D = self.position.shape[1]
         if token_type_ids is None:
-            base = self.position_type0[:T].expand(B, T, -1).reshape(B * T, -1)  # (N, D)
+            base = self.position_type0[:T].expand(B, T, D).reshape(-1, D)  # (N, D)
         else:
-            base = (F.embedding(token_type_ids, self.token_type) + self.position[:T]).view(B * T, -1)
+            base = (F.embedding(token_type_ids, self.token_type) + self.position[:T]).view(-1, D)
         if self.project:
             h = torch.addmm(base, x, self.weight_t) if self.weight is None else F.linear(x, self.weight) + base
         else:
@@ -350,7 +353,13 @@ class FusedBlock(nn.Module):
         before a capture: weights built during one would be captured as ops on the buffers."""
         self.portable = self.ffns_own_storage = True
         self._weights = None
-        self._linear_layout = self._weights_as(lambda t: t.t().contiguous())
+        w = self._weights_as(lambda t: t.t().contiguous())
+
+        def blocks(t: torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:  # x, q, k, v, s: each I wide
+            return None if t is None else tuple(block.clone() for block in t.split(self.width))  # own storage
+
+        self._linear_layout = w._replace(in_t=blocks(w.in_t), in_bias=blocks(w.in_bias), qkv_t=blocks(w.qkv_t),
+                                         qkv_bias=blocks(w.qkv_bias))
 
     def _weights_as(self, layout: Callable[[torch.Tensor], torch.Tensor]) -> BlockWeights:
         """`weights()` with every (in, out) matrix passed through `layout`."""
@@ -426,34 +435,33 @@ class FusedBlock(nn.Module):
     def attention_inputs(self, h: torch.Tensor, w: BlockWeights, B: int, T: int, linear: Callable = _addmm,
                          portable: bool = False) -> tuple[torch.Tensor, ...]:
         """The residual x (N, I), then q, k, v (B, H, T, I/H), from the block input h (N, D); `linear(x, W, b)`
-        runs the matmuls (`_linear` on packed weights). `portable`: q, k, v stay (N, I), every block of columns
-        cut by its own slice (XNNPACK takes slices, not splits or strided head views)."""
+        runs the matmuls (`_linear` on packed weights). `portable`: w holds each block of columns as its own
+        (out, in) matrix, and x, q, k, v come from their own `F.linear` each, (N, I): XNNPACK takes no splits nor
+        strided head views, and slices only at static shapes."""
         if portable:
-            def columns(t: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
-                starts = [sum(widths[:i]) for i in range(len(widths))]
-                return [t[:, start:start + width] for start, width in zip(starts, widths, strict=True)]
+            def project(t: torch.Tensor, weights: tuple, biases: tuple) -> list[torch.Tensor]:
+                return [F.linear(t, weight, bias) for weight, bias in zip(weights, biases, strict=True)]
 
-            def heads(t: torch.Tensor) -> list[torch.Tensor]:
-                return columns(t, [self.width] * (t.shape[1] // self.width))
+            project_heads = project
         else:
-            def columns(t: torch.Tensor, widths: list[int]) -> tuple[torch.Tensor, ...]:
-                return t.split_with_sizes(widths, dim=1)
+            def project(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                return linear(t, weight, bias).split_with_sizes(self.split, dim=1)
 
-            def heads(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                return self.split_heads(t, B, T)
+            def project_heads(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                return self.split_heads(linear(t, weight, bias), B, T)
 
-        x, *rest = columns(linear(h, w.in_t, w.in_bias), self.split)
+        x, *rest = project(h, w.in_t, w.in_bias)
         if w.input_norm is not None:
             x = w.input_norm(x)
         if self.shared:
             s, v = rest
             if w.qk_norm is not None:
                 s = w.qk_norm(s)
-            q, k = heads(linear(s, w.qkv_t, w.qkv_bias))
+            q, k = project_heads(s, w.qkv_t, w.qkv_bias)
             return x, q, k, v if portable else v.view(B, T, self.heads, -1).transpose(1, 2)
         if self.bottleneck_attention:
-            return x, *heads(linear(x, w.qkv_t, w.qkv_bias))
-        return x, *heads(rest[0])
+            return x, *project_heads(x, w.qkv_t, w.qkv_bias)
+        return x, *(rest if portable else self.split_heads(rest[0], B, T))
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int,
                 keep_input: bool = False) -> torch.Tensor:
@@ -494,7 +502,7 @@ class FusedBlock(nn.Module):
             self.make_portable()
         w = self._linear_layout
         x, q, k, v = self.attention_inputs(h, w, B, T, F.linear, portable=True)
-        a = _matmul_residual(bmm_attention(q, k, v, mask, B, T, self.heads), x, *w.attention)
+        a = _matmul_residual(bmm_attention(q, k, v, mask, B, self.heads), x, *w.attention)
         for up, up_bias, *down in w.ffns:
             a = _matmul_residual(w.act(F.linear(a, up, up_bias)), a, *down)
         return _matmul_residual(a, h, *w.output)
@@ -507,20 +515,21 @@ def _matmul_residual(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bia
     return y if norm is None else norm(y)
 
 
-def bmm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, B: int, T: int,
+def bmm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, B: int,
                   heads: int) -> torch.Tensor:
     """softmax(q kᵀ / √(I/H) + mask) v per head as bmm, softmax, bmm; q, k, v and the result (N, I), `mask`
-    additive (B, 1, 1, T) or None."""
+    additive (B*H, 1, T) or None. Every reshape names all sizes but one (-1), the sequence length: XNNPACK takes
+    reshapes with at most one inferred size and none symbolic, so the program's length can vary."""
     d = q.shape[1] // heads
 
     def split(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(B, T, heads, d).permute(0, 2, 1, 3).reshape(B * heads, T, d)  # (B*H, T, I/H)
+        return t.view(B, -1, heads, d).permute(0, 2, 1, 3).reshape(B * heads, -1, d)  # (B*H, T, I/H)
 
     scores = torch.bmm(split(q) * torch.tensor(d ** -0.5, dtype=q.dtype), split(k).transpose(1, 2))  # (B*H, T, T)
     if mask is not None:
-        scores = (scores.view(B, heads, T, T) + mask).view(B * heads, T, T)
+        scores = scores + mask
     context = torch.bmm(scores.softmax(dim=-1), split(v))  # (B*H, T, I/H)
-    return context.view(B, heads, T, d).permute(0, 2, 1, 3).reshape(B * T, heads * d)  # (N, I)
+    return context.view(B, heads, -1, d).permute(0, 2, 1, 3).reshape(-1, heads * d)  # (N, I)
 
 
 class FusedMobileBert(nn.Module):
@@ -585,6 +594,8 @@ class FusedMobileBert(nn.Module):
         if attention_mask is not None and (_capturing() or not bool(attention_mask.all())):
             fill = torch.finfo(h.dtype).min if self.portable else float("-inf")
             mask = h.new_zeros(B, 1, 1, T).masked_fill_(attention_mask[:, None, None, :] == 0, fill)
+            if self.portable:  # per head, as `bmm_attention` adds it
+                mask = mask.expand(B, self.config.num_attention_heads, 1, T).reshape(-1, 1, T)
         hidden, layers = [h], self.layers[:num_layers]
         for block in layers:
             h = block(h, mask, B, T, keep_input=output_hidden_states)
@@ -593,7 +604,7 @@ class FusedMobileBert(nn.Module):
         h = self._restore(h, len(layers))
         if output_hidden_states:
             hidden = [self._restore(t, layer) for layer, t in enumerate(hidden[:-1])] + [h]
-        h = h.view(B, T, -1)  # (B, T, D)
+        h = h.view(B, -1, h.shape[-1])  # (B, T, D)
         pooled = None
         if self.has_pooler:
             pooled = h[:, 0] if self.pooler is None else torch.tanh(self.pooler(h[:, 0]))
