@@ -3,7 +3,9 @@
 Backends share the same random (or given) weights and the same inputs; each is checked against eager before it is
 timed. Timing follows BENCHMARKING.md: threads pinned for every runtime (ONNX Runtime spinning only while a run
 lasts), warm-up, then repetitions interleaved across backends so machine drift hits all alike; median and p90 per
-backend.
+backend. Every timed call starts after a short pause (`SETTLE_S`), in which the worker threads the previous call
+left spinning (PyTorch's OpenMP, ExecuTorch's pool) go idle: right after our optimized forward, an ExecuTorch call
+took 16.4 ms against 14.0 ms after a pause, its threads sharing two cores with spinning ones.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from mobilebert.stats import count_flops
 OURS = ("eager", "optimized", "compiled", "bf16", "compiled-bf16", "aoti", "aoti-bf16", "onnx", "onnx-int8",
         "torch-int8", "executorch", "executorch-int8")
 REFERENCES = ("hf-mobilebert", "hf-bert-base")
+SETTLE_S = 0.01  # idle before each timed call: see the module docstring
 DEFAULT_BACKENDS = ("eager", "optimized", "bf16", "compiled-bf16", "aoti-bf16", "onnx", "onnx-int8", "torch-int8",
                     "executorch-int8", *REFERENCES)
 BF16 = ("bf16", "compiled-bf16", "aoti-bf16")  # timed only where the CPU has native bf16
@@ -328,6 +331,7 @@ def measure(backends: list[Backend], inputs: dict[str, torch.Tensor], warmup: in
             backend.run(inputs)
     for _ in range(repetitions):
         for backend in backends:
+            time.sleep(SETTLE_S)
             began = time.perf_counter()
             backend.run(inputs)
             backend.times.append(time.perf_counter() - began)

@@ -3,13 +3,13 @@ iOS, embedded Linux; and Python here), the whole encoder delegated to XNNPACK, E
 
 `export_executorch` captures `optimize_for_inference(model)` with `torch.export` in the form XNNPACK's partitioner
 takes (`portable`): `F.linear` on constant (out, in) weights and a separate residual add where the optimized model
-adds into the residual with `addmm`, attention as bmm, softmax, bmm with a finite mask where it calls SDPA, and
-column slices where it splits. Lowered by `to_edge_transform_and_lower`, every matmul, attention and elementwise op
-of the encoder runs in one XNNPACK delegate call; only the embedding gathers and the mask are left to ExecuTorch's
-portable kernels. `int8=True`: dynamic quantization by ExecuTorch's XNNPACK quantizer (torchao's PT2E flow): every
-Linear's weights int8 per output channel, its input int8 per tensor, quantized on each call; the word embedding
-table int8 per row (ExecuTorch's `embedding_byte` kernel), the embedding projection like the Linears; the position
-and token-type tables, 1 MB at full size, stay float32.
+adds into the residual with `addmm`, attention as bmm, softmax, bmm with a finite mask where it calls SDPA, and x,
+q, k, v each from its own matmul where it splits one. Lowered by `to_edge_transform_and_lower`, every matmul,
+attention and elementwise op of the encoder runs in one XNNPACK delegate call; only the embedding gathers and the
+mask are left to ExecuTorch's portable kernels. `int8=True`: dynamic quantization by ExecuTorch's XNNPACK quantizer
+(torchao's PT2E flow): every Linear's weights int8 per output channel, its input int8 per tensor, quantized on each
+call; the word embedding table int8 per row (ExecuTorch's `embedding_byte` kernel), the embedding projection like
+the Linears; the position and token-type tables, 1 MB at full size, stay float32.
 
 One program takes every sequence length from 1 to the `length` it was exported for; its batch (and, for multiple
 choice, the number of choices) is fixed: XNNPACK's reshapes may leave one size to infer, and attention reshapes

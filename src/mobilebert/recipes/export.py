@@ -70,13 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "compiled ahead of time by AOTInductor into a .pt2 package for this machine's CPU: the "
                              "fastest; needs a C++ compiler, takes minutes at full size), executorch / "
                              "executorch-int8 (an ExecuTorch program for phones and small devices, XNNPACK-delegated, "
-                             "fixed shape 1 x --max-seq-length; int8: dynamically quantized Linears; needs "
+                             "batch 1, any length up to --max-seq-length; int8: dynamically quantized Linears and "
+                             "word table; needs "
                              "mobilebert[mobile])")
     parser.add_argument("--task", choices=list(TASKS),
                         help="which head to export (default: the architecture in the checkpoint's config.json)")
     parser.add_argument("--max-seq-length", type=int, default=128,
-                        help="tokens per example (default: 128); an ExecuTorch program's fixed length (its runner "
-                             "pads shorter input)")
+                        help="tokens per example (default: 128); the longest input an ExecuTorch program takes")
     parser.add_argument("--choices", type=int, default=2,
                         help="multiple choice: choices per example in the evaluation batch, and an ExecuTorch "
                              "program's fixed number of them (default: 2)")
