@@ -34,6 +34,7 @@ from mobilebert.deploy.export import (
     eager_outputs,
     eval_mode,
     example_batch,
+    export_shapes,
     runner_inputs,
 )
 from mobilebert.deploy.optimize import optimize_for_inference
@@ -70,7 +71,7 @@ def export_aoti(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | 
             "sequence": torch.export.Dim("sequence", min=1, max=model.config.max_position_embeddings),
         }
         axes = dynamic_axes(model, names)
-        shapes = {name: {axis: dims[label] for axis, label in axes[name].items()} for name in INPUT_NAMES}
+        shapes = export_shapes(axes, dims)
         settings = {**inductor_settings(dtype), "cpp.threads": threads, "aot_inductor.metadata": {
             _META + "architecture": type(model).__name__, _META + "outputs": json.dumps(names),
             _META + "dtype": str(dtype).removeprefix("torch."), _META + "threads": str(threads),

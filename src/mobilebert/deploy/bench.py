@@ -174,7 +174,8 @@ def _torch_int8(model, weights, workdir, threads) -> Backend:
 
 
 def _executorch(model, weights, workdir, threads, int8: bool = False) -> Backend:
-    """An ExecuTorch program, lowered on the first call for that call's (batch, length): its shape is fixed."""
+    """An ExecuTorch program, lowered on the first call for that call's (batch, length): its batch is fixed, and a
+    program lowered for the length timed plans its memory for that length, as a deployment would."""
     from mobilebert.deploy.mobile import ExecutorchModel, executorch_lowering, export_executorch
 
     executorch_lowering()  # not installed: skipped now, not on the first call

@@ -110,6 +110,12 @@ def dynamic_axes(model: nn.Module, names: list[str]) -> dict[str, dict[int, str]
     return axes
 
 
+def export_shapes(axes: dict[str, dict[int, str]], dims: dict[str, Any]) -> dict[str, dict[int, Any]]:
+    """`torch.export`'s dynamic shapes of the inputs: each input axis of `axes` (`dynamic_axes`) whose label has a
+    `torch.export.Dim` in `dims`; the other axes stay static."""
+    return {name: {axis: dims[label] for axis, label in axes[name].items() if label in dims} for name in INPUT_NAMES}
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = DEFAULT_OPSET,
                 max_seq_length: int = 128, optimize: bool = True) -> Path:
     """Write `model` (the backbone or any task model) to `path` as an ONNX graph with dynamic batch and sequence.

@@ -40,6 +40,7 @@ from mobilebert.deploy.export import (
     eager_outputs,
     eval_mode,
     example_batch,
+    export_shapes,
     runner_inputs,
 )
 from mobilebert.deploy.optimize import FusedBlock, FusedEmbeddings, FusedMobileBert, optimize_for_inference
@@ -90,9 +91,8 @@ def export_executorch(model: nn.Module, path: str | os.PathLike, batch: int = 1,
         wrapper = Exportable(fused, names).eval()
         inputs = tuple(example[name] for name in INPUT_NAMES)
         axes = dynamic_axes(model, names)
-        sequence = torch.export.Dim("sequence", min=1, max=length) if length > 1 else None
-        shapes = {name: {axis: sequence for axis, label in axes[name].items() if label == "sequence" and sequence}
-                  for name in INPUT_NAMES}
+        dims = {"sequence": torch.export.Dim("sequence", min=1, max=length)} if length > 1 else {}  # batch fixed
+        shapes = export_shapes(axes, dims)
         metadata = {"architecture": type(model).__name__, "outputs": names, "dtype": "int8" if int8 else "float32",
                     "axes": axes, "pad_token_id": model.config.pad_token_id, "shape": list(example["input_ids"].shape),
                     "config": model.config.to_transformers_dict(type(model).__name__)}
