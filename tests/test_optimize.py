@@ -206,6 +206,20 @@ def test_dtype_conversion_after_optimizing_keeps_outputs_right():
         assert relative_error(copy.deepcopy(fast)(**batch).last_hidden_state, ref) <= TOL
 
 
+def test_portable_form_follows_dtype_conversion():
+    """The portable forward's (out, in) weight copies, built by `make_portable`, follow a later .double() too."""
+    from mobilebert.deploy.mobile import portable
+
+    eager = build("Model", mb.MobileBertConfig(**TINY))
+    fast = portable(optimize_for_inference(eager))
+    batch = padded_batch()
+    with torch.no_grad():
+        ref = eager.double()(**batch).last_hidden_state
+        out = fast.double()(**batch).last_hidden_state
+    assert fast.embeddings.weight.dtype == torch.float64
+    assert out.dtype == torch.float64 and relative_error(out, ref) <= TOL
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_bfloat16_model_matches_eager_for_every_variant(variant):
     """`dtype=torch.bfloat16`, the bench's and the demo's reduced-precision path (prepacked oneDNN matmuls where the

@@ -197,7 +197,7 @@ class FusedEmbeddings(nn.Module):
         self.register_buffer("token_type", token_type.clone())  # (types, D)
         self.register_buffer("position_type0", position + token_type[0])  # (P, D): for token_type_ids=None
         self.norm = _layer_norm(emb.norm)
-        self.weight: torch.Tensor | None = None  # (D, 3E): the projection in nn.Linear's layout, once portable
+        self.register_buffer("weight", None, persistent=False)  # (D, 3E): nn.Linear's layout, once portable
 
     def make_portable(self) -> None:
         """Project with `F.linear` on a constant (out, in) copy of the weight, then add the positions: the form
