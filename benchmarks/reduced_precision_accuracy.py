@@ -4,8 +4,9 @@ For each built-in task, the distilled student's fine-tuned model (`RUN/finetune-
 the task's validation split (`RUN/tasks/<task>`) by the official metric, run as: fp32 eager, bf16 optimized
 (`optimize_for_inference(dtype=torch.bfloat16)`), bf16 compiled (`compile_for_inference(dtype=torch.bfloat16)`,
 which compiles per new input shape: a minute or two per task), ONNX Runtime dynamic int8 (of the optimized
-graph), and the ExecuTorch int8 program (XNNPACK, dynamic int8, one sequence of the task's length per call; needs
-the `mobile` extra). Prints a table of scores and each path's largest drop from fp32 in points (GLUE-style
+graph), the ExecuTorch int8 program (XNNPACK, dynamic int8, one sequence of the task's length per call; needs
+the `mobile` extra) and the LiteRT int8 model (XNNPACK, dynamic int8, one signature of the task's length; needs the
+`tflite` extra). Prints a table of scores and each path's largest drop from fp32 in points (GLUE-style
 fractions × 100; SQuAD-style scores are percentages already), then one JSON line.
 
     python benchmarks/reduced_precision_accuracy.py --run runs/demo
@@ -61,8 +62,16 @@ def _executorch_int8(model, tmp: Path, length: int):
     return OnnxTaskModel(program)  # any exported model returning outputs by name
 
 
+def _tflite_int8(model, tmp: Path, length: int):
+    from mobilebert.deploy.export import OnnxTaskModel
+    from mobilebert.deploy.litert import TFLiteModel, export_tflite
+
+    return OnnxTaskModel(TFLiteModel(export_tflite(model, tmp / "model-int8.tflite", lengths=[length], int8=True)))
+
+
 PATHS: dict[str, Callable] = {"fp32": _fp32, "bf16": _bf16, "bf16-compiled": _bf16_compiled,
-                              "onnx-int8": _onnx_int8, "executorch-int8": _executorch_int8}
+                              "onnx-int8": _onnx_int8, "executorch-int8": _executorch_int8,
+                              "tflite-int8": _tflite_int8}
 
 
 def main() -> None:

@@ -287,13 +287,13 @@ def test_export_command_rejects_bad_input(checkpoint, tmp_path):
         run_export([str(tmp_path), "--out", str(tmp_path / "o")])
     with pytest.raises(mb.UserError, match="no such calibration text file"):
         run_export([str(path), "--out", str(tmp_path / "o"), "--calibration-text", str(tmp_path / "none.txt")])
-    namespace = argparse.Namespace(checkpoint=str(path), out=str(tmp_path / "o"), format="tflite", task=None,
-                                   max_seq_length=128, calibration=8, calibration_text=None,
+    namespace = argparse.Namespace(checkpoint=str(path), out=str(tmp_path / "o"), format="coreml", task=None,
+                                   max_seq_length=128, lengths=None, calibration=8, calibration_text=None,
                                    calibration_method="minmax", opset=17, threads=None, optimize=True)
-    with pytest.raises(mb.UserError, match="unknown format 'tflite'"):
+    with pytest.raises(mb.UserError, match="unknown format 'coreml'"):
         export_recipe.main(namespace)
     with pytest.raises(SystemExit):  # the command line refuses it before main runs
-        run_export([str(path), "--out", str(tmp_path / "o"), "--format", "tflite"])
+        run_export([str(path), "--out", str(tmp_path / "o"), "--format", "coreml"])
     bare = tmp_path / "no-tokenizer"
     mb.MobileBertModel(mb.MobileBertConfig(**TINY)).save_pretrained(bare)
     with pytest.raises(mb.UserError, match="tokenizer"):

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from mobilebert.report import format_table
 from mobilebert.stats import count_flops
 
 OURS = ("eager", "optimized", "compiled", "bf16", "compiled-bf16", "aoti", "aoti-bf16", "onnx", "onnx-int8",
-        "torch-int8", "executorch", "executorch-int8")
+        "torch-int8", "executorch", "executorch-int8", "tflite", "tflite-int8")
 REFERENCES = ("hf-mobilebert", "hf-bert-base")
 SETTLE_S = 0.01  # idle before each timed call: see the module docstring
 DEFAULT_BACKENDS = ("eager", "optimized", "bf16", "compiled-bf16", "aoti-bf16", "onnx", "onnx-int8", "torch-int8",
@@ -179,20 +180,39 @@ def _executorch(model, weights, workdir, threads, int8: bool = False) -> Backend
     from mobilebert.deploy.mobile import ExecutorchModel, executorch_lowering, export_executorch
 
     executorch_lowering()  # not installed: skipped now, not on the first call
-    name = "executorch-int8" if int8 else "executorch"
-    programs: dict[tuple[int, ...], ExecutorchModel] = {}
+    return _built_per_shape("executorch-int8" if int8 else "executorch", "pte", workdir, "lowering",
+                            lambda path, shape: export_executorch(model, path, batch=shape[0], length=shape[1],
+                                                                  int8=int8),
+                            lambda path: ExecutorchModel(path, threads))
+
+
+def _tflite(model, weights, workdir, threads, int8: bool = False) -> Backend:
+    """A LiteRT flatbuffer converted on the first call for that call's (batch, length): one signature of that
+    shape, so no call pads."""
+    from mobilebert.deploy.litert import TFLiteModel, export_tflite, litert_conversion
+
+    litert_conversion()  # not installed: skipped now, not on the first call
+    return _built_per_shape("tflite-int8" if int8 else "tflite", "tflite", workdir, "converting",
+                            lambda path, shape: export_tflite(model, path, lengths=[shape[1]], batch=shape[0],
+                                                              int8=int8),
+                            lambda path: TFLiteModel(path, threads))
+
+
+def _built_per_shape(name: str, suffix: str, workdir: Path, verb: str, build: Callable[[Path, tuple[int, ...]], Any],
+                     load: Callable[[Path], Callable[..., Any]]) -> Backend:
+    """A backend whose file is built on the first call of each input shape (`build(path, shape)`), then loaded."""
+    loaded: dict[tuple[int, ...], Callable[..., Any]] = {}
 
     def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         shape = tuple(batch["input_ids"].shape)
-        if shape not in programs:
-            path = workdir / f"{name}-{'x'.join(map(str, shape))}.pte"  # `peak_memory`'s processes load it
+        if shape not in loaded:
+            path = workdir / f"{name}-{'x'.join(map(str, shape))}.{suffix}"  # `peak_memory`'s processes load it
             if not path.is_file():
-                print(f"{name}: lowering for {' x '.join(map(str, shape))} (MobileBERT: about a minute, two with "
-                      "int8)")
-                export_executorch(model, path, batch=shape[0], length=shape[1], int8=int8)
-            programs[shape] = ExecutorchModel(path, threads)
+                print(f"{name}: {verb} for {' x '.join(map(str, shape))} (MobileBERT: about a minute, two with int8)")
+                build(path, shape)
+            loaded[shape] = load(path)
             backend.size_bytes = _size(path)
-        return _hidden(programs[shape](**batch))
+        return _hidden(loaded[shape](**batch))
 
     backend = Backend(name, run)
     return backend
@@ -238,7 +258,8 @@ _BUILDERS: dict[str, Callable[..., Backend]] = {
     "compiled-bf16": lambda *a: _compiled(*a, dtype=torch.bfloat16), "aoti": _aoti,
     "aoti-bf16": lambda *a: _aoti(*a, dtype=torch.bfloat16), "onnx": _onnx,
     "onnx-int8": lambda *a: _onnx(*a, int8=True), "torch-int8": _torch_int8, "executorch": _executorch,
-    "executorch-int8": lambda *a: _executorch(*a, int8=True), "hf-mobilebert": _hf_mobilebert,
+    "executorch-int8": lambda *a: _executorch(*a, int8=True), "tflite": _tflite,
+    "tflite-int8": lambda *a: _tflite(*a, int8=True), "hf-mobilebert": _hf_mobilebert,
     "hf-bert-base": _hf_bert_base,
 }
 
@@ -362,6 +383,9 @@ def conditions(threads: int, batch: int, seq: int, peak: float) -> dict[str, Any
     for module in ("onnxruntime", "transformers"):
         with contextlib.suppress(ImportError):
             versions[module] = __import__(module).__version__
+    for distribution in ("executorch", "litert-torch"):  # not imported for this: both take seconds to import
+        with contextlib.suppress(PackageNotFoundError):
+            versions[distribution] = version(distribution)
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

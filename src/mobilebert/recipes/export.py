@@ -1,5 +1,5 @@
 """`mobilebert export`: a checkpoint to ONNX (fp32, int8 dynamic, int8 static), to a PyTorch int8 module, to an
-AOTInductor package (fp32, bf16), or to an ExecuTorch program (fp32, int8).
+AOTInductor package (fp32, bf16), to an ExecuTorch program (fp32, int8), or to a LiteRT (TFLite) model (fp32, int8).
 
 The algorithm: load the checkpoint, export (and quantize), run export and eager model on the same held-out real
 text, record sizes and the agreement with eager in DIR/export.json. fp32 must match eager to 1e-4 relative error
@@ -48,7 +48,8 @@ from mobilebert.tokenizer import Tokenizer
 
 FORMATS = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-int8-static": "model-int8-static.onnx",
            "torch-int8": "torch-int8.pt", "aoti": "model.pt2", "aoti-bf16": "model-bf16.pt2",
-           "executorch": "model.pte", "executorch-int8": "model-int8.pte"}
+           "executorch": "model.pte", "executorch-int8": "model-int8.pte", "tflite": "model.tflite",
+           "tflite-int8": "model-int8.tflite"}
 TASKS = {"backbone": "MobileBertModel", "pretraining": "MobileBertForPreTraining", "masked-lm": "MobileBertForMaskedLM",
          "nsp": "MobileBertForNextSentencePrediction", "seq-classification": "MobileBertForSequenceClassification",
          "multiple-choice": "MobileBertForMultipleChoice", "token-classification": "MobileBertForTokenClassification",
@@ -71,12 +72,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fastest; needs a C++ compiler, takes minutes at full size), executorch / "
                              "executorch-int8 (an ExecuTorch program for phones and small devices, XNNPACK-delegated, "
                              "batch 1, any length up to --max-seq-length; int8: dynamically quantized Linears and "
-                             "word table; needs "
-                             "mobilebert[mobile])")
+                             "word table; needs mobilebert[mobile]), tflite / tflite-int8 (a LiteRT flatbuffer for "
+                             "Android and iOS, XNNPACK-delegated, one signature per --lengths; int8: dynamically "
+                             "quantized weights; needs mobilebert[tflite])")
     parser.add_argument("--task", choices=list(TASKS),
                         help="which head to export (default: the architecture in the checkpoint's config.json)")
     parser.add_argument("--max-seq-length", type=int, default=128,
                         help="tokens per example (default: 128); the longest input an ExecuTorch program takes")
+    parser.add_argument("--lengths", type=int, nargs="+", metavar="N",
+                        help="tflite: one signature per sequence length N, sharing the weights; inputs are padded to "
+                             "the shortest that fits (default: --max-seq-length; given, the longest of them is the "
+                             "evaluation length)")
     parser.add_argument("--choices", type=int, default=2,
                         help="multiple choice: choices per example in the evaluation batch, and an ExecuTorch "
                              "program's fixed number of them (default: 2)")
@@ -91,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int,
                         help="onnxruntime intra-op threads (default: its own choice); for aoti, the thread count the "
                              "package's parallel loops are built for (default: torch's, one per core); for "
-                             "executorch, XNNPACK's threads for the parity check (default: one per core)")
+                             "executorch, XNNPACK's threads for the parity check (default: one per core); for tflite, "
+                             "LiteRT's (default: its own choice)")
     parser.add_argument("--no-optimize", dest="optimize", action="store_false",
                         help="export the eager model's graph instead of optimize_for_inference's (same outputs; the "
                              "optimized graph has NoNorm folded and the projections fused, and runs faster)")
@@ -114,6 +121,10 @@ def main(args: argparse.Namespace) -> int:
     n_cal = min(args.calibration, len(pairs)) if args.format == "onnx-int8-static" else 0
     calibration, held_out = pairs[:n_cal], pairs[n_cal:n_cal + EVAL_EXAMPLES] or pairs[-EVAL_EXAMPLES:]
     batch = evaluation_batch(model, tokenizer, held_out, args.max_seq_length, args.choices)
+    if args.format.startswith("tflite"):  # eager on the padding the longest signature runs it with (see litert)
+        from mobilebert.deploy.litert import padded_to
+
+        batch = padded_to(batch, _length(model, args.max_seq_length), model.config.pad_token_id)
 
     files, fp32_bytes, runners = export(model, args, out, tokenizer, calibration)
     _copy_side_files(checkpoint, out)
@@ -160,6 +171,16 @@ def export(model: nn.Module, args: argparse.Namespace, out: Path, tokenizer: Tok
                                  choices=args.choices, int8=int8)
         program = ExecutorchModel(path, args.threads)
         return {path.name: file_size(path)}, state_dict_size(model), {"int8" if int8 else "fp32": _run(program)}
+    if args.format in ("tflite", "tflite-int8"):
+        from mobilebert.deploy.litert import TFLiteModel, export_tflite
+
+        int8 = args.format == "tflite-int8"
+        lengths = sorted({_length(model, n) for n in args.lengths or [args.max_seq_length]})  # within positions
+        print(f"converting to LiteRT, signatures of {', '.join(map(str, lengths))} tokens (seconds for the small "
+              "presets; MobileBERT: about a minute each)")
+        path = export_tflite(model, out / FORMATS[args.format], lengths=lengths, choices=args.choices, int8=int8)
+        return {path.name: file_size(path)}, state_dict_size(model), {"int8" if int8 else "fp32":
+                                                                      _run(TFLiteModel(path, args.threads))}
     if args.format == "torch-int8":
         quantized = quantize_torch_dynamic(model)
         path = out / FORMATS["torch-int8"]
@@ -277,6 +298,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"unknown format {args.format!r}; choose one of: {', '.join(FORMATS)}")
     if args.task is not None and args.task not in TASKS:
         raise UserError(f"unknown task {args.task!r}; choose one of: {', '.join(TASKS)}")
+    if args.lengths is not None:
+        if not args.format.startswith("tflite"):
+            raise UserError("--lengths applies to the tflite formats (one signature per length)")
+        if min(args.lengths) < 1:
+            raise UserError(f"--lengths must be positive, got {min(args.lengths)}")
+        args.max_seq_length = max(args.lengths)
     if args.max_seq_length < 4:
         raise UserError(f"--max-seq-length must be at least 4, got {args.max_seq_length}")
     if args.choices < 1:
@@ -285,9 +312,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--calibration must be a positive number of examples, got {args.calibration}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be positive, got {args.threads}")
-    if args.format.startswith(("aoti", "executorch")) and not args.optimize:
-        raise UserError("--no-optimize applies to the ONNX formats; AOTInductor packages and ExecuTorch programs "
-                        "are always made from the optimized model")
+    if args.format.startswith(("aoti", "executorch", "tflite")) and not args.optimize:
+        raise UserError("--no-optimize applies to the ONNX formats; AOTInductor packages, ExecuTorch programs and "
+                        "LiteRT models are always made from the optimized model")
     if args.format == "aoti-bf16" and not cpu_bf16():
         raise UserError("this CPU has no native bf16 (AVX512-BF16/AMX): a bf16 package built here would emulate it, "
                         "slower than fp32; use --format aoti")
@@ -303,8 +330,9 @@ def versions() -> dict[str, str]:
 
     found = {"mobilebert": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
              "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "python": platform.python_version()}
-    with contextlib.suppress(PackageNotFoundError):
-        found["executorch"] = version("executorch")
+    for distribution in ("executorch", "litert-torch"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[distribution] = version(distribution)
     return found
 
 
@@ -328,6 +356,8 @@ def summary(report: dict[str, Any]) -> str:
         runtime_threads = f"package built for {c['threads'] or c['torch_threads']} threads"
     elif report["format"].startswith("executorch"):
         runtime_threads = f"XNNPACK threads {c['threads'] or 'default'}"
+    elif report["format"].startswith("tflite"):
+        runtime_threads = f"LiteRT threads {c['threads'] or 'default'}"
     return "\n".join([
         format_table(["model", "max relative error vs eager", "argmax agreement"], rows),
         f"{report['architecture']} as {report['format']}: {sizes}",

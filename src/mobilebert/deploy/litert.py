@@ -1,0 +1,250 @@
+"""LiteRT (TensorFlow Lite) models: the optimized model as one `.tflite` flatbuffer, the format of Android's and
+iOS's on-device runtime (the paper measured MobileBERT in it, on a Pixel 4), run here by LiteRT's interpreter
+with its XNNPACK delegate.
+
+`export_tflite` converts `optimize_for_inference(model)` in its portable form (`mobilebert.deploy.mobile.portable`:
+`F.linear` on constant weights, attention as bmm, softmax, bmm) with litert-torch (torch.export, then StableHLO,
+then TFLite). LiteRT's converter lowers static shapes only (a symbolic length fails in its slicing), so one file
+holds one signature per sequence length asked for, `length_<T>`, all of them reading one shared copy of the
+weights; `TFLiteModel` pads each input with [PAD] to the shortest signature that fits and cuts the outputs back.
+Where the word table's [PAD] row is zero (ours: `padding_idx`), padding changes no real token's outputs beyond
+float rounding; otherwise the last real token's trigram sees the [PAD] row, as eager does on a padded batch.
+
+`int8=True`: the float32 flatbuffer quantized by AI Edge Quantizer's dynamic recipe: every fully connected
+layer's weights int8 per output channel, its input int8 per tensor, quantized on each call (XNNPACK's dynamically
+quantized kernels), the word table int8 as well.
+
+Our metadata (architecture, output names, config, signature shapes) is JSON in the flatbuffer's own metadata
+table under the name "mobilebert"; LiteRT's runtimes ignore it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mobilebert.checkpoint import atomic_write
+from mobilebert.deploy.export import (
+    INPUT_NAMES,
+    Exportable,
+    dynamic_axes,
+    eager_outputs,
+    eval_mode,
+    example_batch,
+    runner_inputs,
+)
+from mobilebert.deploy.mobile import portable, quiet_stderr
+from mobilebert.deploy.optimize import optimize_for_inference
+from mobilebert.errors import UserError
+from mobilebert.model import check_length
+
+METADATA_NAME = "mobilebert"  # the flatbuffer metadata entry holding our JSON
+INSTALL_HINT = "LiteRT is not installed: pip install 'mobilebert[tflite]' (litert-torch)"
+SIGNATURE_PREFIX = "length_"
+
+
+def export_tflite(model: nn.Module, path: str | os.PathLike, lengths: tuple[int, ...] | list[int] = (128,),
+                  batch: int = 1, choices: int = 2, int8: bool = False) -> Path:
+    """Write `model` (the backbone or any task model) as the LiteRT flatbuffer `path` (.tflite) with one signature
+    `length_<T>` per T in `lengths`, each for inputs of shape (batch, T), or (batch, choices, T) for multiple choice.
+
+    Inputs are int32 `input_ids`, `attention_mask` and `token_type_ids` (LiteRT has no int64 inputs), outputs the
+    model's inference fields as `output_0`, `output_1`, ... in the order of the metadata's "outputs" (`TFLiteModel`
+    returns them by name). Converting takes seconds per signature for the tiny presets and about a minute for
+    MobileBERT. Written atomically; `model` is left as it was.
+    """
+    litert_torch, recipes = litert_conversion()
+    path = Path(path)
+    lengths = sorted(set(lengths))
+    if not lengths or min(batch, choices, *lengths) < 1:
+        raise UserError(f"batch, choices and every length must be positive, got {batch}, {choices}, {lengths}")
+    for length in lengths:
+        check_length(length, model.config.max_position_embeddings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with eval_mode(model):
+        examples = {T: example_batch(model, batch=batch, length=T, choices=choices) for T in lengths}
+        names = list(eager_outputs(model, examples[lengths[0]]))
+        wrapper = Exportable(portable(optimize_for_inference(model)), names).eval()
+        converter = litert_torch.Converter()
+        for T, example in examples.items():
+            converter.signature(f"{SIGNATURE_PREFIX}{T}", wrapper,  # int32 inputs: LiteRT has no int64 ones
+                                sample_kwargs={name: example[name].int() for name in INPUT_NAMES})
+        metadata = {"architecture": type(model).__name__, "outputs": names, "dtype": "int8" if int8 else "float32",
+                    "axes": dynamic_axes(model, names), "pad_token_id": model.config.pad_token_id,
+                    "shapes": {f"{SIGNATURE_PREFIX}{T}": list(example["input_ids"].shape)
+                               for T, example in examples.items()},
+                    "config": model.config.to_transformers_dict(type(model).__name__)}
+        with torch.no_grad(), warnings.catch_warnings(), quiet_stderr(), _no_progress(litert_torch):
+            warnings.simplefilter("ignore")  # torch.export's notes on internals
+            content = converter.convert().model_content()
+            if int8:
+                content = _quantized(content, recipes)
+    content = with_metadata(content, metadata)
+    atomic_write(path, lambda tmp: tmp.write_bytes(content))
+    return path
+
+
+def litert_conversion() -> tuple[Any, Any]:
+    """litert-torch and AI Edge Quantizer's recipes; a UserError that says how to install them where missing."""
+    try:
+        with quiet_stderr(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import litert_torch
+            from ai_edge_quantizer import recipe
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    return litert_torch, recipe
+
+
+@contextlib.contextmanager
+def _no_progress(litert_torch: Any) -> Iterator[None]:
+    """litert-torch's progress lines (printed to stdout) off for the block; the caller prints its own."""
+    shown = litert_torch.config.show_progress
+    litert_torch.config.show_progress = False
+    try:
+        yield
+    finally:
+        litert_torch.config.show_progress = shown
+
+
+def _quantized(content: bytes, recipes: Any) -> bytes:
+    """`content` with dynamic int8 weights and activations (AI Edge Quantizer's `dynamic_wi8_afp32`)."""
+    from ai_edge_quantizer import quantizer
+
+    q = quantizer.Quantizer(bytearray(content), recipes.dynamic_wi8_afp32())
+    return bytes(q.quantize(enable_progress_bar=False, enable_progress_report=False).quantized_model)
+
+
+def with_metadata(content: bytes, metadata: dict[str, Any]) -> bytes:
+    """The flatbuffer `content` with `metadata` as UTF-8 JSON in its metadata table under METADATA_NAME."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(content, 0)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(metadata).encode("utf-8"), dtype=np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
+    model.metadata = [m for m in model.metadata or [] if m.name != METADATA_NAME.encode()] + [entry]
+    builder = flatbuffers.Builder(len(content) + 4096)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def read_metadata(path: Path) -> dict[str, Any] | None:
+    """Our metadata in the flatbuffer at `path`, or None where it has none (not written by `export_tflite`)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    with path.open("rb") as f:
+        if f.read(8)[4:] != b"TFL3":  # a flatbuffer's identifier follows its 4-byte root offset
+            return None
+        content = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with content:
+        model = schema.Model.GetRootAs(content, 0)
+        for i in range(model.MetadataLength()):
+            entry = model.Metadata(i)
+            if entry.Name() == METADATA_NAME.encode():
+                return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    return None
+
+
+class TFLiteModel:
+    """A LiteRT flatbuffer written by `export_tflite`, run by LiteRT's interpreter (XNNPACK delegate), called like
+    our models.
+
+    `model(input_ids, attention_mask=None, token_type_ids=None)` takes torch tensors or numpy arrays of any batch and
+    any length up to the longest signature's, and returns a dict of float32 torch tensors by output name, at the
+    input's batch and length. Each call runs the shortest signature that fits, on chunks of its batch; tokens and
+    rows beyond the input are [PAD] with mask 0. `threads`: the interpreter's threads (default: LiteRT's choice).
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such LiteRT model")
+        try:
+            with quiet_stderr(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            raise UserError(INSTALL_HINT) from None
+        metadata = read_metadata(path)
+        if metadata is None:
+            raise UserError(f"{path}: not a mobilebert LiteRT model (written by `mobilebert export --format tflite`)")
+        try:
+            with quiet_stderr():  # the delegate's creation notes
+                self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+                self.runners = {key: self.interpreter.get_signature_runner(key) for key in metadata["shapes"]}
+        except Exception as e:  # noqa: BLE001 - LiteRT raises plain ValueErrors for unreadable files
+            raise UserError(f"{path}: cannot load LiteRT model: {str(e).splitlines()[0]}") from None
+        self.path = path
+        self.output_names: list[str] = metadata["outputs"]
+        self.architecture: str = metadata["architecture"]
+        self.dtype: str = metadata["dtype"]
+        self.config: dict[str, Any] = metadata["config"]
+        self.axes: dict[str, dict[str, str]] = metadata["axes"]
+        self.pad_token_id: int = metadata["pad_token_id"]
+        self.shapes = {key: tuple(shape) for key, shape in sorted(metadata["shapes"].items(),
+                                                                  key=lambda item: item[1][-1])}
+
+    def __call__(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None
+                 ) -> dict[str, torch.Tensor]:
+        ids, mask, types = runner_inputs(input_ids, attention_mask, token_type_ids)
+        key, shape = self._signature(ids)
+        rows, length = ids.shape[0], ids.shape[-1]
+        per_call, extra_rows, extra_tokens = shape[0], -rows % shape[0], shape[-1] - length
+        padded = [_padded(t, extra_rows, extra_tokens, value)
+                  for t, value in ((ids, self.pad_token_id), (mask, 0), (types, 0))]
+        runner = self.runners[key]
+        chunks = []
+        for i in range(0, rows + extra_rows, per_call):
+            feed = {name: t[i:i + per_call].numpy().astype(np.int32)
+                    for name, t in zip(INPUT_NAMES, padded, strict=True)}
+            with quiet_stderr():
+                chunks.append(runner(**feed))
+        outputs = {}
+        for k, name in enumerate(self.output_names):
+            out = torch.from_numpy(np.concatenate([chunk[f"output_{k}"] for chunk in chunks]))[:rows]
+            if self.axes[name].get("1") == "sequence":
+                out = out[:, :length]
+            outputs[name] = out.float()
+        return outputs
+
+    def _signature(self, ids: torch.Tensor) -> tuple[str, tuple[int, ...]]:
+        """The signature that runs `ids`: the shortest at least as long; a UserError for shapes none takes."""
+        longest = next(reversed(self.shapes.values()))
+        if ids.dim() != len(longest) or ids.shape[1:-1] != longest[1:-1] or ids.shape[-1] == 0:
+            expected = "(batch, " + "".join(f"{c}, " for c in longest[1:-1]) + "tokens)"
+            raise UserError(f"input_ids must be {expected} for this {self.architecture} model, "
+                            f"got shape {tuple(ids.shape)}")
+        length = ids.shape[-1]
+        for key, shape in self.shapes.items():
+            if shape[-1] >= length:
+                return key, shape
+        raise UserError(f"sequence length {length} exceeds the model's longest signature, {longest[-1]}; export it "
+                        "again with a larger --max-seq-length")
+
+
+def padded_to(batch: dict[str, torch.Tensor], length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`batch` (input_ids, attention_mask, token_type_ids) with [PAD] tokens appended up to `length`, as
+    `TFLiteModel` pads for a signature of that length: eager on this is what the model gives for `batch`."""
+    values = {"input_ids": pad_token_id, "attention_mask": 0, "token_type_ids": 0}
+    return {name: _padded(t, 0, length - t.shape[-1], values[name]) for name, t in batch.items()}
+
+
+def _padded(t: torch.Tensor, rows: int, tokens: int, value: int) -> torch.Tensor:
+    """`t` with `rows` more rows and `tokens` more tokens at the end of each, all `value`."""
+    if tokens:
+        t = torch.cat([t, t.new_full((*t.shape[:-1], tokens), value)], dim=-1)
+    return torch.cat([t, t.new_full((rows, *t.shape[1:]), value)]) if rows else t
