@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import gc
 import importlib
+import importlib.util
 import json
 import multiprocessing
 import platform
@@ -177,9 +178,9 @@ def _torch_int8(model, weights, workdir, threads) -> Backend:
 def _executorch(model, weights, workdir, threads, int8: bool = False) -> Backend:
     """An ExecuTorch program, lowered on the first call for that call's (batch, length): its batch is fixed, and a
     program lowered for the length timed plans its memory for that length, as a deployment would."""
-    from mobilebert.deploy.mobile import ExecutorchModel, executorch_lowering, export_executorch
+    from mobilebert.deploy.mobile import INSTALL_HINT, ExecutorchModel, export_executorch
 
-    executorch_lowering()  # not installed: skipped now, not on the first call
+    _require("executorch", INSTALL_HINT)
     return _built_per_shape("executorch-int8" if int8 else "executorch", "pte", workdir, "lowering",
                             lambda path, shape: export_executorch(model, path, batch=shape[0], length=shape[1],
                                                                   int8=int8),
@@ -189,13 +190,20 @@ def _executorch(model, weights, workdir, threads, int8: bool = False) -> Backend
 def _tflite(model, weights, workdir, threads, int8: bool = False) -> Backend:
     """A LiteRT flatbuffer converted on the first call for that call's (batch, length): one signature of that
     shape, so no call pads."""
-    from mobilebert.deploy.litert import TFLiteModel, export_tflite, litert_conversion
+    from mobilebert.deploy.litert import INSTALL_HINT, TFLiteModel, export_tflite
 
-    litert_conversion()  # not installed: skipped now, not on the first call
+    _require("litert_torch", INSTALL_HINT)
     return _built_per_shape("tflite-int8" if int8 else "tflite", "tflite", workdir, "converting",
                             lambda path, shape: export_tflite(model, path, lengths=[shape[1]], batch=shape[0],
                                                               int8=int8),
                             lambda path: TFLiteModel(path, threads))
+
+
+def _require(module: str, hint: str) -> None:
+    """A UserError (the backend is skipped now, not on its first call) where `module` is not installed; found
+    without importing it, so `peak_memory` counts only the runtime a backend loads, not its converter."""
+    if importlib.util.find_spec(module) is None:
+        raise UserError(hint)
 
 
 def _built_per_shape(name: str, suffix: str, workdir: Path, verb: str, build: Callable[[Path, tuple[int, ...]], Any],
@@ -307,6 +315,11 @@ def _peak_rss_mb(name: str, weights: str, workdir: str, threads: int, inputs: di
         importlib.import_module("onnxruntime")
     with contextlib.suppress(ImportError):
         _transformers()
+    from mobilebert.deploy.mobile import quiet_stderr
+
+    for runtime in ("executorch.runtime", "ai_edge_litert.interpreter"):  # the on-device runtimes' libraries
+        with contextlib.suppress(ImportError), quiet_stderr():
+            importlib.import_module(runtime)
     _release_freed_memory()
     before = _status_kb("VmRSS")
     model = MobileBertModel.from_pretrained(weights).eval()

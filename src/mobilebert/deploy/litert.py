@@ -86,10 +86,9 @@ def export_tflite(model: nn.Module, path: str | os.PathLike, lengths: tuple[int,
                     "config": model.config.to_transformers_dict(type(model).__name__)}
         with torch.no_grad(), warnings.catch_warnings(), quiet_stderr(), _no_progress(litert_torch):
             warnings.simplefilter("ignore")  # torch.export's notes on internals
-            content = converter.convert().model_content()
-            if int8:
+            content = with_metadata(converter.convert().model_content(), metadata)
+            if int8:  # the quantizer keeps the metadata table (and moves every buffer past the flatbuffer)
                 content = _quantized(content, recipes)
-    content = with_metadata(content, metadata)
     atomic_write(path, lambda tmp: tmp.write_bytes(content))
     return path
 
@@ -131,6 +130,10 @@ def with_metadata(content: bytes, metadata: dict[str, Any]) -> bytes:
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromPackedBuf(content, 0)
+    for buffer in model.buffers:  # data stored past the flatbuffer (offset from the file's start) comes inside
+        if buffer.offset > 1:
+            buffer.data = np.frombuffer(content, dtype=np.uint8, count=buffer.size, offset=buffer.offset)
+            buffer.offset = buffer.size = 0
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(json.dumps(metadata).encode("utf-8"), dtype=np.uint8)
     model.buffers.append(buffer)
@@ -155,7 +158,10 @@ def read_metadata(path: Path) -> dict[str, Any] | None:
         for i in range(model.MetadataLength()):
             entry = model.Metadata(i)
             if entry.Name() == METADATA_NAME.encode():
-                return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+                buffer = model.Buffers(entry.Buffer())
+                if buffer.Offset() > 1:  # stored past the flatbuffer, as AI Edge Quantizer writes every buffer
+                    return json.loads(content[buffer.Offset():buffer.Offset() + buffer.Size()])
+                return json.loads(buffer.DataAsNumpy().tobytes())
     return None
 
 
