@@ -21,6 +21,7 @@ table under the name "mobilebert"; LiteRT's runtimes ignore it.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import mmap
 import os
@@ -95,14 +96,17 @@ def export_tflite(model: nn.Module, path: str | os.PathLike, lengths: tuple[int,
 
 def litert_conversion() -> tuple[Any, Any]:
     """litert-torch and AI Edge Quantizer's recipes; a UserError that says how to install them where missing."""
+    return _installed("litert_torch"), _installed("ai_edge_quantizer.recipe")
+
+
+def _installed(module: str) -> Any:
+    """`module`, imported without the notes LiteRT's libraries print; a UserError with INSTALL_HINT where missing."""
     try:
         with quiet_stderr(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import litert_torch
-            from ai_edge_quantizer import recipe
+            return importlib.import_module(module)
     except ImportError:
         raise UserError(INSTALL_HINT) from None
-    return litert_torch, recipe
 
 
 @contextlib.contextmanager
@@ -179,18 +183,13 @@ class TFLiteModel:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such LiteRT model")
-        try:
-            with quiet_stderr(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                from ai_edge_litert.interpreter import Interpreter
-        except ImportError:
-            raise UserError(INSTALL_HINT) from None
+        interpreter = _installed("ai_edge_litert.interpreter")
         metadata = read_metadata(path)
         if metadata is None:
             raise UserError(f"{path}: not a mobilebert LiteRT model (written by `mobilebert export --format tflite`)")
         try:
             with quiet_stderr():  # the delegate's creation notes
-                self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+                self.interpreter = interpreter.Interpreter(model_path=str(path), num_threads=threads)
                 self.runners = {key: self.interpreter.get_signature_runner(key) for key in metadata["shapes"]}
         except Exception as e:  # noqa: BLE001 - LiteRT raises plain ValueErrors for unreadable files
             raise UserError(f"{path}: cannot load LiteRT model: {str(e).splitlines()[0]}") from None
