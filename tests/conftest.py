@@ -66,6 +66,24 @@ def inputs_for(head: str, **kwargs) -> dict:
     return batch
 
 
+def eager_fields(eager: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """Eager's outputs for `batch`, by name, in the order an exported runner returns them."""
+    with torch.no_grad():
+        out = eager(**batch)
+    return {name: getattr(out, name) for name in OUTPUT_FIELDS if getattr(out, name, None) is not None}
+
+
+def assert_runner_matches(runner, eager: torch.nn.Module, batch: dict, tol: float = 1e-4) -> None:
+    """An exported model's runner (`ExecutorchModel`, `TFLiteModel`: outputs by name) against eager on `batch`:
+    the same names in the same order, shapes, and every output within `tol` relative error."""
+    expected = eager_fields(eager, batch)
+    out = runner(**batch)
+    assert list(out) == runner.output_names == list(expected)
+    for name, t in out.items():
+        assert t.shape == expected[name].shape, name
+        assert relative_error(t, expected[name]) <= tol, name
+
+
 def assert_same_outputs(fast, eager, batch: dict, hidden_states: bool = True, tol: float = 1e-4) -> None:
     """Every output field (and hidden state) of `fast` within `tol` relative error of eager's; no loss."""
     with torch.no_grad():

@@ -15,8 +15,10 @@ from conftest import (
     HEADS,
     TINY,
     VARIANTS,
+    assert_runner_matches,
     assert_same_outputs,
     build,
+    eager_fields,
     export_report,
     padded_batch,
     relative_error,
@@ -26,7 +28,6 @@ from conftest import (
 import mobilebert as mb
 from mobilebert.deploy.mobile import portable
 
-FP32_TOL = 1e-4
 LENGTH = 16
 
 
@@ -54,24 +55,6 @@ executorch = pytest.importorskip("executorch", reason="ExecuTorch is not install
 
 from mobilebert.deploy.mobile import ExecutorchModel, Int8Embedding, export_executorch  # noqa: E402
 from mobilebert.deploy.quantize import state_dict_size  # noqa: E402
-
-
-def eager_fields(eager: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Eager's outputs for `batch`, by name, in the order a program returns them."""
-    with torch.no_grad():
-        out = eager(**batch)
-    return {name: getattr(out, name) for name in ("last_hidden_state", "pooler_output", "prediction_logits",
-            "seq_relationship_logits", "logits", "start_logits", "end_logits") if getattr(out, name, None) is not None}
-
-
-def assert_program_matches(program: ExecutorchModel, eager: torch.nn.Module, batch: dict[str, torch.Tensor],
-                           tol: float = FP32_TOL) -> None:
-    expected = eager_fields(eager, batch)
-    out = program(**batch)
-    assert list(out) == program.output_names == list(expected)
-    for name, t in out.items():
-        assert t.shape == expected[name].shape, name
-        assert relative_error(t, expected[name]) <= tol, name
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +85,7 @@ def test_program_matches_eager_on_any_batch_and_length_and_records_the_model(mob
     eager, program, _ = mobilebert_program
     for batch in (padded_batch(batch=2, length=LENGTH), padded_batch(batch=1, length=5, seed=1),
                   padded_batch(batch=5, length=11, seed=2), padded_batch(batch=1, length=1, seed=3)):
-        assert_program_matches(program, eager, batch)
+        assert_runner_matches(program, eager, batch)
     assert program.output_names == ["prediction_logits", "seq_relationship_logits"]
     assert program.architecture == "MobileBertForPreTraining" and program.dtype == "float32"
     assert program.shape == (2, LENGTH) and program.config["hidden_size"] == TINY["hidden_size"]
@@ -127,7 +110,7 @@ def test_other_variants_match_eager_and_are_left_untouched(variant, tmp_path):
     before = {k: v.clone() for k, v in eager.state_dict().items()}
     program = ExecutorchModel(export_executorch(eager, tmp_path / "model.pte", length=LENGTH))
     assert eager.training and all(torch.equal(before[k], v) for k, v in eager.state_dict().items())
-    assert_program_matches(program, eager.eval(), padded_batch(batch=3, length=9))
+    assert_runner_matches(program, eager.eval(), padded_batch(batch=3, length=9))
 
 
 def test_multiple_choice_and_question_answering_programs(tmp_path):
@@ -135,13 +118,13 @@ def test_multiple_choice_and_question_answering_programs(tmp_path):
     eager = build("MultipleChoice", cfg)
     program = ExecutorchModel(export_executorch(eager, tmp_path / "mc.pte", length=LENGTH + 4, choices=3))
     batch = {k: v.view(2, 3, -1) for k, v in padded_batch(batch=6, length=LENGTH).items()}  # every row has a token
-    assert_program_matches(program, eager, batch)
+    assert_runner_matches(program, eager, batch)
     with pytest.raises(mb.UserError, match=r"must be \(batch, 3, tokens\)"):
         program(batch["input_ids"][:, :2])
     eager = build("QuestionAnswering", cfg)
     program = ExecutorchModel(export_executorch(eager, tmp_path / "qa.pte", length=LENGTH))
     batch = padded_batch(length=12)
-    assert_program_matches(program, eager, batch)
+    assert_runner_matches(program, eager, batch)
     ids = batch["input_ids"][:1].numpy()  # numpy in, mask and types filled in
     assert program(ids)["start_logits"].shape == (1, 12)
 

@@ -13,7 +13,16 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, VARIANTS, build, export_report, padded_batch, relative_error, run_export
+from conftest import (
+    TINY,
+    VARIANTS,
+    assert_runner_matches,
+    build,
+    export_report,
+    padded_batch,
+    relative_error,
+    run_export,
+)
 
 import mobilebert as mb
 
@@ -24,8 +33,6 @@ from mobilebert.deploy.quantize import state_dict_size  # noqa: E402
 
 FP32_TOL = 1e-4
 LENGTHS = (8, 16)
-OUTPUTS = ("last_hidden_state", "pooler_output", "prediction_logits", "seq_relationship_logits", "logits",
-           "start_logits", "end_logits")
 
 
 def with_zero_pad_row(eager: torch.nn.Module) -> torch.nn.Module:
@@ -34,18 +41,6 @@ def with_zero_pad_row(eager: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():
         word.weight[word.padding_idx].zero_()
     return eager
-
-
-def assert_model_matches(model: TFLiteModel, eager: torch.nn.Module, batch: dict[str, torch.Tensor],
-                         tol: float = FP32_TOL) -> None:
-    with torch.no_grad():
-        out = eager(**batch)
-    expected = {name: getattr(out, name) for name in OUTPUTS if getattr(out, name, None) is not None}
-    got = model(**batch)
-    assert list(got) == model.output_names == list(expected)
-    for name, t in got.items():
-        assert t.shape == expected[name].shape, name
-        assert relative_error(t, expected[name]) <= tol, name
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +55,7 @@ def test_model_matches_eager_on_any_batch_and_length_and_records_the_model(pretr
     eager, model = pretraining_model
     for batch in (padded_batch(batch=2, length=16), padded_batch(batch=1, length=5, seed=1),  # 5 runs as 8
                   padded_batch(batch=5, length=11, seed=2), padded_batch(batch=1, length=1, seed=3)):
-        assert_model_matches(model, eager, batch)
+        assert_runner_matches(model, eager, batch)
     assert model.output_names == ["prediction_logits", "seq_relationship_logits"]
     assert model.architecture == "MobileBertForPreTraining" and model.dtype == "float32"
     assert model.shapes == {"length_8": (2, 8), "length_16": (2, 16)}  # shortest first
@@ -90,7 +85,7 @@ def test_other_variants_match_eager_and_are_left_untouched(variant, tmp_path):
     before = {k: v.clone() for k, v in eager.state_dict().items()}
     model = TFLiteModel(export_tflite(eager, tmp_path / "model.tflite", lengths=[12]))
     assert eager.training and all(torch.equal(before[k], v) for k, v in eager.state_dict().items())
-    assert_model_matches(model, eager.eval(), padded_batch(batch=3, length=9))
+    assert_runner_matches(model, eager.eval(), padded_batch(batch=3, length=9))
 
 
 def test_multiple_choice_and_question_answering_models(tmp_path):
@@ -98,13 +93,13 @@ def test_multiple_choice_and_question_answering_models(tmp_path):
     eager = with_zero_pad_row(build("MultipleChoice", cfg))
     model = TFLiteModel(export_tflite(eager, tmp_path / "mc.tflite", lengths=[16], choices=3))
     batch = {k: v.view(2, 3, -1) for k, v in padded_batch(batch=6, length=16).items()}  # every row has a token
-    assert_model_matches(model, eager, batch)
+    assert_runner_matches(model, eager, batch)
     with pytest.raises(mb.UserError, match=r"must be \(batch, 3, tokens\)"):
         model(batch["input_ids"][:, :2])
     eager = with_zero_pad_row(build("QuestionAnswering", cfg))
     model = TFLiteModel(export_tflite(eager, tmp_path / "qa.tflite", lengths=[16]))
     batch = padded_batch(length=12)
-    assert_model_matches(model, eager, batch)
+    assert_runner_matches(model, eager, batch)
     ids = batch["input_ids"][:1].numpy()  # numpy in, mask and types filled in
     assert model(ids)["start_logits"].shape == (1, 12)
 

@@ -215,6 +215,27 @@ def runner_inputs(input_ids: Any, attention_mask: Any = None, token_type_ids: An
     return ids, mask, types
 
 
+def check_runner_shape(ids: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+    """A UserError unless `ids` fits a runner built for inputs of `shape` ((batch, [choices,] length)): the same
+    number of axes, the same middle sizes and at least one token; `what` names the runner ("this X program")."""
+    if ids.dim() != len(shape) or ids.shape[1:-1] != shape[1:-1] or ids.shape[-1] == 0:
+        expected = "(batch, " + "".join(f"{c}, " for c in shape[1:-1]) + "tokens)"
+        raise UserError(f"input_ids must be {expected} for {what}, got shape {tuple(ids.shape)}")
+
+
+def padded_inputs(inputs: tuple[torch.Tensor, ...], pad_token_id: int, rows: int = 0, tokens: int = 0
+                  ) -> list[torch.Tensor]:
+    """(input_ids, attention_mask, token_type_ids) with `rows` more rows and `tokens` more tokens at the end of each
+    row, all padding: [PAD] ids, mask 0, token type 0."""
+    return [_padded(t, rows, tokens, value) for t, value in zip(inputs, (pad_token_id, 0, 0), strict=True)]
+
+
+def _padded(t: torch.Tensor, rows: int, tokens: int, value: int) -> torch.Tensor:
+    if tokens:
+        t = torch.cat([t, t.new_full((*t.shape[:-1], tokens), value)], dim=-1)
+    return torch.cat([t, t.new_full((rows, *t.shape[1:]), value)]) if rows else t
+
+
 def _int64(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return (x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.int64, copy=False)
 

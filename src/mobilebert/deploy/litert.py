@@ -38,10 +38,12 @@ from mobilebert.checkpoint import atomic_write
 from mobilebert.deploy.export import (
     INPUT_NAMES,
     Exportable,
+    check_runner_shape,
     dynamic_axes,
     eager_outputs,
     eval_mode,
     example_batch,
+    padded_inputs,
     runner_inputs,
 )
 from mobilebert.deploy.mobile import portable, quiet_stderr
@@ -209,8 +211,7 @@ class TFLiteModel:
         key, shape = self._signature(ids)
         rows, length = ids.shape[0], ids.shape[-1]
         per_call, extra_rows, extra_tokens = shape[0], -rows % shape[0], shape[-1] - length
-        padded = [_padded(t, extra_rows, extra_tokens, value)
-                  for t, value in ((ids, self.pad_token_id), (mask, 0), (types, 0))]
+        padded = padded_inputs((ids, mask, types), self.pad_token_id, rows=extra_rows, tokens=extra_tokens)
         runner = self.runners[key]
         chunks = []
         for i in range(0, rows + extra_rows, per_call):
@@ -229,10 +230,7 @@ class TFLiteModel:
     def _signature(self, ids: torch.Tensor) -> tuple[str, tuple[int, ...]]:
         """The signature that runs `ids`: the shortest at least as long; a UserError for shapes none takes."""
         longest = next(reversed(self.shapes.values()))
-        if ids.dim() != len(longest) or ids.shape[1:-1] != longest[1:-1] or ids.shape[-1] == 0:
-            expected = "(batch, " + "".join(f"{c}, " for c in longest[1:-1]) + "tokens)"
-            raise UserError(f"input_ids must be {expected} for this {self.architecture} model, "
-                            f"got shape {tuple(ids.shape)}")
+        check_runner_shape(ids, longest, f"this {self.architecture} model")
         length = ids.shape[-1]
         for key, shape in self.shapes.items():
             if shape[-1] >= length:
@@ -244,12 +242,6 @@ class TFLiteModel:
 def padded_to(batch: dict[str, torch.Tensor], length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
     """`batch` (input_ids, attention_mask, token_type_ids) with [PAD] tokens appended up to `length`, as
     `TFLiteModel` pads for a signature of that length: eager on this is what the model gives for `batch`."""
-    values = {"input_ids": pad_token_id, "attention_mask": 0, "token_type_ids": 0}
-    return {name: _padded(t, 0, length - t.shape[-1], values[name]) for name, t in batch.items()}
-
-
-def _padded(t: torch.Tensor, rows: int, tokens: int, value: int) -> torch.Tensor:
-    """`t` with `rows` more rows and `tokens` more tokens at the end of each, all `value`."""
-    if tokens:
-        t = torch.cat([t, t.new_full((*t.shape[:-1], tokens), value)], dim=-1)
-    return torch.cat([t, t.new_full((rows, *t.shape[1:]), value)]) if rows else t
+    inputs = tuple(batch[name] for name in INPUT_NAMES)
+    return dict(zip(INPUT_NAMES, padded_inputs(inputs, pad_token_id, tokens=length - inputs[0].shape[-1]),
+                    strict=True))

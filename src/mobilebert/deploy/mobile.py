@@ -36,11 +36,13 @@ from mobilebert.checkpoint import atomic_write
 from mobilebert.deploy.export import (
     INPUT_NAMES,
     Exportable,
+    check_runner_shape,
     dynamic_axes,
     eager_outputs,
     eval_mode,
     example_batch,
     export_shapes,
+    padded_inputs,
     runner_inputs,
 )
 from mobilebert.deploy.optimize import FusedBlock, FusedEmbeddings, FusedMobileBert, optimize_for_inference
@@ -263,10 +265,7 @@ class ExecutorchModel:
     def __call__(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None
                  ) -> dict[str, torch.Tensor]:
         ids, mask, types = runner_inputs(input_ids, attention_mask, token_type_ids)
-        if ids.dim() != len(self.shape) or ids.shape[1:-1] != self.shape[1:-1] or ids.shape[-1] == 0:
-            expected = "(batch, " + "".join(f"{c}, " for c in self.shape[1:-1]) + "tokens)"
-            raise UserError(f"input_ids must be {expected} for this {self.architecture} program, "
-                            f"got shape {tuple(ids.shape)}")
+        check_runner_shape(ids, self.shape, f"this {self.architecture} program")
         rows, length = ids.shape[0], ids.shape[-1]
         if length > self.shape[-1]:
             raise UserError(f"sequence length {length} exceeds the program's maximum {self.shape[-1]}; export it "
@@ -274,7 +273,7 @@ class ExecutorchModel:
         check_length(length, self.config["max_position_embeddings"])
         per_call = self.shape[0]
         extra_rows = -rows % per_call
-        padded = [_pad_rows(t, extra_rows, value) for t, value in ((ids, self.pad_token_id), (mask, 0), (types, 0))]
+        padded = padded_inputs((ids, mask, types), self.pad_token_id, rows=extra_rows)
         chunks = [self.method.execute([t[i:i + per_call].contiguous() for t in padded])
                   for i in range(0, rows + extra_rows, per_call)]
         return {name: torch.cat([chunk[k] for chunk in chunks])[:rows].float()
@@ -295,8 +294,3 @@ def _set_threads(threads: int) -> None:
         raise UserError(f"ExecuTorch's thread pool has {current} threads and {_loaded[0]} runs on it: the pool is "
                         "process-wide and can be resized only before the first program is loaded")
     _unsafe_reset_threadpool(threads)
-
-
-def _pad_rows(t: torch.Tensor, rows: int, value: int) -> torch.Tensor:
-    """`t` with `rows` more rows, all `value`."""
-    return torch.cat([t, t.new_full((rows, *t.shape[1:]), value)]) if rows else t
