@@ -181,7 +181,8 @@ def _executorch(model, weights, workdir, threads, int8: bool = False) -> Backend
     from mobilebert.deploy.mobile import INSTALL_HINT, ExecutorchModel, export_executorch
 
     _require("executorch", INSTALL_HINT)
-    return _built_per_shape("executorch-int8" if int8 else "executorch", "pte", workdir, "lowering",
+    return _built_per_shape("executorch-int8" if int8 else "executorch", "pte", workdir,
+                            "lowering", "MobileBERT: about a minute, two with int8",
                             lambda path, shape: export_executorch(model, path, batch=shape[0], length=shape[1],
                                                                   int8=int8),
                             lambda path: ExecutorchModel(path, threads))
@@ -193,7 +194,8 @@ def _tflite(model, weights, workdir, threads, int8: bool = False) -> Backend:
     from mobilebert.deploy.litert import INSTALL_HINT, TFLiteModel, export_tflite
 
     _require("litert_torch", INSTALL_HINT)
-    return _built_per_shape("tflite-int8" if int8 else "tflite", "tflite", workdir, "converting",
+    return _built_per_shape("tflite-int8" if int8 else "tflite", "tflite", workdir,
+                            "converting", "MobileBERT: about a minute",
                             lambda path, shape: export_tflite(model, path, lengths=[shape[1]], batch=shape[0],
                                                               int8=int8),
                             lambda path: TFLiteModel(path, threads))
@@ -206,9 +208,11 @@ def _require(module: str, hint: str) -> None:
         raise UserError(hint)
 
 
-def _built_per_shape(name: str, suffix: str, workdir: Path, verb: str, build: Callable[[Path, tuple[int, ...]], Any],
-                     load: Callable[[Path], Callable[..., Any]]) -> Backend:
-    """A backend whose file is built on the first call of each input shape (`build(path, shape)`), then loaded."""
+def _built_per_shape(name: str, suffix: str, workdir: Path, verb: str, duration: str,
+                     build: Callable[[Path, tuple[int, ...]], Any], load: Callable[[Path], Callable[..., Any]]
+                     ) -> Backend:
+    """A backend whose file is built on the first call of each input shape (`build(path, shape)`, announced with
+    `verb` and how long it takes), then loaded."""
     loaded: dict[tuple[int, ...], Callable[..., Any]] = {}
 
     def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -216,7 +220,7 @@ def _built_per_shape(name: str, suffix: str, workdir: Path, verb: str, build: Ca
         if shape not in loaded:
             path = workdir / f"{name}-{'x'.join(map(str, shape))}.{suffix}"  # `peak_memory`'s processes load it
             if not path.is_file():
-                print(f"{name}: {verb} for {' x '.join(map(str, shape))} (MobileBERT: about a minute, two with int8)")
+                print(f"{name}: {verb} for {' x '.join(map(str, shape))} ({duration})")
                 build(path, shape)
             loaded[shape] = load(path)
             backend.size_bytes = _size(path)
