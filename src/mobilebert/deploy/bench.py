@@ -195,7 +195,7 @@ def _tflite(model, weights, workdir, threads, int8: bool = False) -> Backend:
 
     _require("litert_torch", INSTALL_HINT)
     return _built_per_shape("tflite-int8" if int8 else "tflite", "tflite", workdir,
-                            "converting", "MobileBERT: about a minute",
+                            "converting", "MobileBERT: about 20 s",
                             lambda path, shape: export_tflite(model, path, lengths=[shape[1]], batch=shape[0],
                                                               int8=int8),
                             lambda path: TFLiteModel(path, threads))

@@ -63,7 +63,7 @@ def export_tflite(model: nn.Module, path: str | os.PathLike, lengths: tuple[int,
 
     Inputs are int32 `input_ids`, `attention_mask` and `token_type_ids` (LiteRT has no int64 inputs), outputs the
     model's inference fields as `output_0`, `output_1`, ... in the order of the metadata's "outputs" (`TFLiteModel`
-    returns them by name). Converting takes seconds per signature for the tiny presets and about a minute for
+    returns them by name). Converting takes seconds per signature for the tiny presets and about 20 s for
     MobileBERT. Written atomically; `model` is left as it was.
     """
     litert_torch, recipes = litert_conversion()

@@ -177,7 +177,7 @@ def export(model: nn.Module, args: argparse.Namespace, out: Path, tokenizer: Tok
         int8 = args.format == "tflite-int8"
         lengths = sorted({_length(model, n) for n in args.lengths or [args.max_seq_length]})  # within positions
         print(f"converting to LiteRT, signatures of {', '.join(map(str, lengths))} tokens (seconds for the small "
-              "presets; MobileBERT: about a minute each)")
+              "presets; MobileBERT: about 20 s each)")
         path = export_tflite(model, out / FORMATS[args.format], lengths=lengths, choices=args.choices, int8=int8)
         return {path.name: file_size(path)}, state_dict_size(model), {"int8" if int8 else "fp32":
                                                                       _run(TFLiteModel(path, args.threads))}
