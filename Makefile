@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
+# Test files run in parallel, one file per worker (its module fixtures built once): 2 = the CI machine's cores.
+WORKERS ?= 2
 
 .PHONY: install demo test lint clean
 
@@ -20,10 +22,10 @@ demo: $(STAMP)
 	$(VENV)/bin/mobilebert demo --out $(OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(WORKERS) --dist loadfile
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests experiments benchmarks
 
 clean:
 	rm -rf $(VENV) runs

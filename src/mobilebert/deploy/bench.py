@@ -25,13 +25,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mobilebert.config import MobileBertConfig, preset
+from mobilebert.deploy.export import mobile_runtime_versions
 from mobilebert.deploy.optimize import cpu_bf16
 from mobilebert.errors import UserError
 from mobilebert.model import MobileBertModel
@@ -400,9 +400,7 @@ def conditions(threads: int, batch: int, seq: int, peak: float) -> dict[str, Any
     for module in ("onnxruntime", "transformers"):
         with contextlib.suppress(ImportError):
             versions[module] = __import__(module).__version__
-    for distribution in ("executorch", "litert-torch"):  # not imported for this: both take seconds to import
-        with contextlib.suppress(PackageNotFoundError):
-            versions[distribution] = version(distribution)
+    versions |= mobile_runtime_versions()
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

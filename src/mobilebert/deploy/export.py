@@ -8,12 +8,14 @@ max |ours − reference| / max |reference| per output.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,6 +37,16 @@ DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on; onnxruntime 
 _NOT_EXPORTED = ("loss", "mlm_loss", "nsp_loss", "hidden_states", "attentions", "attention_scores")
 _PER_TOKEN_OUTPUTS = ("last_hidden_state", "prediction_logits", "start_logits", "end_logits")
 _TOKEN_LOGITS_MODELS = (MobileBertForMaskedLM, MobileBertForTokenClassification)  # their `logits` is (B, T, ...)
+MOBILE_RUNTIMES = ("executorch", "litert-torch")  # optional installs: reported when present
+
+
+def mobile_runtime_versions() -> dict[str, str]:
+    """The installed mobile converters' versions, read from package metadata: importing them takes seconds."""
+    found = {}
+    for distribution in MOBILE_RUNTIMES:
+        with contextlib.suppress(PackageNotFoundError):
+            found[distribution] = version(distribution)
+    return found
 
 
 def example_batch(model: nn.Module, batch: int = 2, length: int = 128, seed: int = 0, choices: int = 2

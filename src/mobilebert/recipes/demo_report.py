@@ -70,7 +70,7 @@ def bench_stage(plan, out: Path) -> Callable[[Path], dict]:
         backends = [name for name in DEFAULT_BACKENDS if name not in plan.bench_skip]  # quick: nothing to compile
         report = run_bench(preset(plan.bench_preset), backends, threads=2, batch=1,
                            seq=min(128, preset(plan.bench_preset).max_position_embeddings), warmup=2,
-                           repetitions=plan.bench_repetitions)
+                           repetitions=plan.bench_repetitions, memory=plan.bench_memory)
         atomic_write(folder / "bench.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
         plot(report, folder / "bench.png")
         return {"preset": plan.bench_preset}

@@ -9,12 +9,10 @@ or the command fails; int8 and bf16 are reported as measured, never failed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import shutil
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from mobilebert.deploy.export import (
     eager_outputs,
     example_batch,
     export_onnx,
+    mobile_runtime_versions,
     relative_errors,
 )
 from mobilebert.deploy.optimize import cpu_bf16
@@ -330,10 +329,7 @@ def versions() -> dict[str, str]:
 
     found = {"mobilebert": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
              "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "python": platform.python_version()}
-    for distribution in ("executorch", "litert-torch"):
-        with contextlib.suppress(PackageNotFoundError):
-            found[distribution] = version(distribution)
-    return found
+    return found | mobile_runtime_versions()
 
 
 def summary(report: dict[str, Any]) -> str:
