@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
-from mobilebert.deploy.bench import BF16, DEFAULT_BACKENDS, random_inputs
+import pytest
+
+from mobilebert.deploy.bench import BF16, DEFAULT_BACKENDS, in_fresh_processes, random_inputs
 
 
 def run_bench(cwd, *args: str) -> dict:
@@ -44,6 +47,15 @@ def test_bench_measures_peak_memory_in_fresh_processes(tmp_path):
     assert all(row["peak_mb"] > 0 for row in rows.values())
     # Peak memory holds at least the weights: BERT-base's 86M parameters (at this preset's vocabulary) are 344 MB.
     assert rows["hf-bert-base"]["peak_mb"] > 0.9 * rows["hf-bert-base"]["size_mb"]
+
+
+def test_each_memory_measurement_gets_a_process_of_its_own():
+    pids = in_fresh_processes(os.getpid, [()] * 3)
+    assert len(set(pids)) == 3 and os.getpid() not in pids
+    missing = in_fresh_processes(os.stat, [("/no/such/file",)])[0]  # OSError: handed back, not raised
+    assert isinstance(missing, FileNotFoundError)
+    with pytest.raises(ValueError):
+        in_fresh_processes(int, [("not a number",)])
 
 
 def test_bench_rejects_unknown_backends_and_too_long_sequences(tmp_path):

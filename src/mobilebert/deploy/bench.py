@@ -23,7 +23,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,14 +346,27 @@ def peak_memory(backends: list[Backend], weights: Path, workdir: Path, threads: 
     if not Path("/proc/self/clear_refs").exists():
         print("skipping peak memory: needs Linux's /proc/self/clear_refs")
         return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max(1, min(2, len(backends))), mp_context=context) as pool:
-        jobs = [pool.submit(_peak_rss_mb, b.name, str(weights), str(workdir), threads, inputs) for b in backends]
-        for backend, job in zip(backends, jobs, strict=True):
+    calls = [(b.name, str(weights), str(workdir), threads, inputs) for b in backends]
+    for backend, result in zip(backends, in_fresh_processes(_peak_rss_mb, calls), strict=True):
+        if isinstance(result, OSError):  # e.g. clear_refs not writable in a sandbox
+            print(f"no peak memory for {backend.name}: {result}")
+        else:
+            backend.peak_mb = result
+
+
+def in_fresh_processes(fn: Callable, calls: list[tuple], workers: int = 2) -> list[Any]:
+    """`fn(*args)` for each args in `calls`, each in a newly spawned process (a pool's worker would carry one
+    call's libraries and caches into the next), `workers` at a time; an OSError is returned in place of its result,
+    other errors are raised."""
+    with multiprocessing.get_context("spawn").Pool(max(1, min(workers, len(calls))), maxtasksperchild=1) as pool:
+        jobs = [pool.apply_async(fn, args) for args in calls]
+        results = []
+        for job in jobs:
             try:
-                backend.peak_mb = job.result()
-            except OSError as e:  # e.g. clear_refs not writable in a sandbox
-                print(f"no peak memory for {backend.name}: {e}")
+                results.append(job.get())
+            except OSError as e:
+                results.append(e)
+        return results
 
 
 @torch.inference_mode()
