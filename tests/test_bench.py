@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from mobilebert.deploy.bench import BF16, DEFAULT_BACKENDS, in_fresh_processes, random_inputs
+from mobilebert.deploy.bench import BF16, DEFAULT_BACKENDS, Backend, in_fresh_processes, measure, random_inputs
 
 
 def run_bench(cwd, *args: str) -> dict:
@@ -47,6 +48,21 @@ def test_bench_measures_peak_memory_in_fresh_processes(tmp_path):
     assert all(row["peak_mb"] > 0 for row in rows.values())
     # Peak memory holds at least the weights: BERT-base's 86M parameters (at this preset's vocabulary) are 344 MB.
     assert rows["hf-bert-base"]["peak_mb"] > 0.9 * rows["hf-bert-base"]["size_mb"]
+
+
+def test_compiled_backends_are_first_called_after_every_build_and_warmed_up_last():
+    """ExecuTorch's lowering (a first call) resets dynamo: a compiled backend called before it would compile again
+    in a timed call."""
+    calls = []
+
+    def backend(name: str, lazily: bool = False) -> Backend:
+        return Backend(name, lambda b: calls.append(name) or torch.ones(1, 4, 8), compiles_lazily=lazily)
+
+    backends = [backend("eager"), backend("compiled", lazily=True), backend("executorch")]
+    measure(backends, random_inputs(50, batch=1, seq=4), warmup=1, repetitions=2)
+    assert calls[:4] == ["eager", "eager", "executorch", "compiled"]  # the reference, then first calls
+    assert calls[4:7] == ["eager", "compiled", "executorch"]  # warm-ups, after every first call
+    assert calls[7:] == ["eager", "compiled", "executorch"] * 2 and all(len(b.times) == 2 for b in backends)
 
 
 def test_each_memory_measurement_gets_a_process_of_its_own():
