@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from mobilebert.config import MobileBertConfig, preset
-from mobilebert.deploy.export import mobile_runtime_versions
 from mobilebert.deploy.optimize import cpu_bf16
 from mobilebert.errors import UserError
 from mobilebert.model import MobileBertModel
@@ -418,6 +417,9 @@ def conditions(threads: int, batch: int, seq: int, peak: float) -> dict[str, Any
     for module in ("onnxruntime", "transformers"):
         with contextlib.suppress(ImportError):
             versions[module] = __import__(module).__version__
+    from mobilebert.deploy.export import mobile_runtime_versions  # not at the top: it loads onnx, and bench and
+    # peak_memory's baseline processes import this module without needing it
+
     versions |= mobile_runtime_versions()
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):
