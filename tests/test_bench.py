@@ -34,7 +34,7 @@ def test_bench_runs_every_default_backend_and_prints_json_last(tmp_path):
         assert row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"] and row["sequences_per_s"] > 0
         assert row["speedup_vs_hf-mobilebert"] > 0
         assert row["peak_mb"] is None
-    for name in ("optimized", "onnx", "hf-mobilebert"):
+    for name in ("optimized", "parallel", "onnx", "hf-mobilebert"):
         assert rows[name]["relative_error"] < 1e-4, name
     for name in ("onnx-int8", "torch-int8"):
         assert rows[name]["relative_error"] < 0.5, name  # int8 of random tiny weights: close, not exact

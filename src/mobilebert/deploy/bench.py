@@ -36,12 +36,12 @@ from mobilebert.model import MobileBertModel
 from mobilebert.report import format_table
 from mobilebert.stats import count_flops
 
-OURS = ("eager", "optimized", "compiled", "bf16", "compiled-bf16", "aoti", "aoti-bf16", "onnx", "onnx-int8",
-        "torch-int8", "executorch", "executorch-int8", "tflite", "tflite-int8")
+OURS = ("eager", "optimized", "parallel", "compiled", "bf16", "compiled-bf16", "aoti", "aoti-bf16", "onnx",
+        "onnx-int8", "torch-int8", "executorch", "executorch-int8", "tflite", "tflite-int8")
 REFERENCES = ("hf-mobilebert", "hf-bert-base")
 SETTLE_S = 0.01  # idle before each timed call: see the module docstring
-DEFAULT_BACKENDS = ("eager", "optimized", "bf16", "compiled-bf16", "aoti-bf16", "onnx", "onnx-int8", "torch-int8",
-                    "executorch-int8", *REFERENCES)
+DEFAULT_BACKENDS = ("eager", "optimized", "parallel", "bf16", "compiled-bf16", "aoti-bf16", "onnx", "onnx-int8",
+                    "torch-int8", "executorch-int8", *REFERENCES)
 BF16 = ("bf16", "compiled-bf16", "aoti-bf16")  # timed only where the CPU has native bf16
 
 
@@ -100,11 +100,12 @@ def _eager(model, weights, workdir, threads) -> Backend:
     return Backend("eager", lambda b: _hidden(model(**b)), _size(weights / "model.safetensors"))
 
 
-def _optimized(model, weights, workdir, threads) -> Backend:
+def _optimized(model, weights, workdir, threads, token_parallel: bool = False) -> Backend:
     from mobilebert.deploy.optimize import optimize_for_inference
 
-    fast = optimize_for_inference(model)
-    return Backend("optimized", lambda b: _hidden(fast(**b)), _size(weights / "model.safetensors"))
+    fast = optimize_for_inference(model, token_parallel=token_parallel)
+    return Backend("parallel" if token_parallel else "optimized", lambda b: _hidden(fast(**b)),
+                   _size(weights / "model.safetensors"))
 
 
 def _require_native_bf16() -> None:
@@ -265,7 +266,8 @@ def bert_flops(cfg: Any, seq: int) -> int:
 
 
 _BUILDERS: dict[str, Callable[..., Backend]] = {
-    "eager": _eager, "optimized": _optimized, "compiled": _compiled, "bf16": _bf16,
+    "eager": _eager, "optimized": _optimized, "parallel": lambda *a: _optimized(*a, token_parallel=True),
+    "compiled": _compiled, "bf16": _bf16,
     "compiled-bf16": lambda *a: _compiled(*a, dtype=torch.bfloat16), "aoti": _aoti,
     "aoti-bf16": lambda *a: _aoti(*a, dtype=torch.bfloat16), "onnx": _onnx,
     "onnx-int8": lambda *a: _onnx(*a, int8=True), "torch-int8": _torch_int8, "executorch": _executorch,

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilebert.config import MobileBertConfig
+from mobilebert.deploy.native import TokenParallel, extension, unsupported
 from mobilebert.errors import UserError
 from mobilebert.heads import (
     MaskedLMHead,
@@ -543,6 +544,7 @@ class FusedMobileBert(nn.Module):
         self.has_pooler = model.has_pooler
         self.pooler = copy.deepcopy(model.pooler)
         self.portable = False  # see `mobilebert.deploy.mobile.portable`
+        self.token_parallel: TokenParallel | None = None  # see `optimize_for_inference(token_parallel=True)`
         self._scale_residuals()
 
     def _scale_residuals(self) -> None:
@@ -597,10 +599,13 @@ class FusedMobileBert(nn.Module):
             if self.portable:  # per head, as `bmm_attention` adds it
                 mask = mask.expand(B, self.config.num_attention_heads, 1, T).reshape(-1, 1, T)
         hidden, layers = [h], self.layers[:num_layers]
-        for block in layers:
-            h = block(h, mask, B, T, keep_input=output_hidden_states)
-            if output_hidden_states:
-                hidden.append(h)
+        if self.token_parallel is not None and not output_hidden_states and not _capturing():
+            h = self.token_parallel(layers, h, mask, B, T)
+        else:
+            for block in layers:
+                h = block(h, mask, B, T, keep_input=output_hidden_states)
+                if output_hidden_states:
+                    hidden.append(h)
         h = self._restore(h, len(layers))
         if output_hidden_states:
             hidden = [self._restore(t, layer) for layer, t in enumerate(hidden[:-1])] + [h]
@@ -717,7 +722,8 @@ class FusedTaskModel(nn.Module):
         return self.head(enc, shape)
 
 
-def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = None,
+                           token_parallel: bool = False) -> nn.Module:
     """A new model computing what `model` computes, faster on CPU; `model` is left untouched.
 
     Takes `MobileBertModel` or any task model of `mobilebert.heads`; the result has the same forward inputs
@@ -728,6 +734,10 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = None) -
     `dtype=torch.bfloat16`: the new model's weights are converted once (not cast per call as autocast does) and,
     on a CPU with native bf16 (AVX512-BF16/AMX), every block's matmuls run on oneDNN-prepacked weights with bias,
     ReLU and residual adds fused (`FusedBlock.pack`). bf16 keeps 8 mantissa bits: about 1e-2 relative error.
+
+    `token_parallel=True` (fp32 MobileBERT and MobileBERT-TINY): the blocks run in the token-parallel runtime of
+    `mobilebert.deploy.native`, each of `torch.get_num_threads()` cores on its own share of the tokens; built on
+    the first use in a process (a C++ compiler; about 30 s once, then cached). Same outputs.
     """
     with torch.no_grad():
         if isinstance(model, MobileBertModel):
@@ -744,4 +754,11 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = None) -
             for block in fused.modules():
                 if isinstance(block, FusedBlock):
                     block.pack()
+    if token_parallel:
+        backbone = fused if isinstance(fused, FusedMobileBert) else fused.mobilebert
+        reason = unsupported(backbone)
+        if reason is not None:
+            raise UserError(f"token_parallel: this model cannot run token-parallel: {reason}")
+        extension()  # build (or load) it now: a missing compiler is an error here, not in the first forward
+        backbone.token_parallel = TokenParallel()
     return fused
