@@ -1,9 +1,9 @@
 // The token-parallel block loop of the optimized MobileBERT (mobilebert/deploy/native.py says why and when).
 //
-// Each of n threads owns a contiguous range of the N = B*T token rows and runs every matmul of every block on its
-// own rows with single-threaded kernels: the rows of one token never depend on another token's rows except in
-// attention, so one barrier per block (keys and values complete) is the only synchronisation. Thread 0 is the
-// caller; the others are helper threads kept between calls. Every kernel is an ATen op.
+// Each of the n threads of PyTorch's OpenMP team owns a contiguous range of the N = B*T token rows and runs every
+// matmul of every block on its own rows with single-threaded kernels: the rows of one token never depend on another
+// token's rows except in attention, so one barrier per block (keys and values complete) is the only
+// synchronisation. Every kernel is an ATen op.
 //
 // Per block (all NoNorm, residual steps pre-scaled: `FusedBlock.residual_scales`), weights (in, out):
 //   shared bottleneck (MobileBERT):  [x | s | v] = h in_t + in_b;  [q | k] = s qkv_t + qkv_b
@@ -13,13 +13,11 @@
 #include <torch/extension.h>
 
 #include <dlfcn.h>
-#include <unistd.h>
+#include <omp.h>
 
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <exception>
-#include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -33,54 +31,26 @@ static inline void cpu_relax() { std::this_thread::yield(); }
 
 namespace {
 
-// The calling thread's OpenMP and MKL thread counts, through the libraries PyTorch already loaded. Helpers and the
-// caller run their share with both at 1: ATen's and MKL's own threads would fight ours for the same cores.
-struct ThreadCounts {
-  void (*omp_set)(int) = nullptr;
-  int (*omp_get)() = nullptr;
-  int (*mkl_set_local)(int) = nullptr;  // returns the previous thread-local count (0: none)
-
-  ThreadCounts() {
-    omp_set = reinterpret_cast<void (*)(int)>(find("omp_set_num_threads"));
-    omp_get = reinterpret_cast<int (*)()>(find("omp_get_max_threads"));
-    mkl_set_local = reinterpret_cast<int (*)(int)>(find("MKL_Set_Num_Threads_Local"));
-  }
-
-  static void* find(const char* name) {
-    if (void* f = dlsym(RTLD_DEFAULT, name)) return f;
-    for (const char* lib : {"libgomp.so.1", "libtorch_cpu.so"}) {
-      if (void* handle = dlopen(lib, RTLD_LAZY | RTLD_NOLOAD)) {
-        if (void* f = dlsym(handle, name)) return f;
-      }
-    }
-    return nullptr;
-  }
-};
-
-const ThreadCounts& counts() {
-  static const ThreadCounts c;
-  return c;
+// MKL's thread-local thread count, found at run time in the MKL PyTorch links (absent from non-MKL builds).
+// Inside an OpenMP region MKL runs single-threaded anyway, but 13-20% slower per call on these shapes than with
+// its thread-local count set to 1 (measured: a 64x128x512 matmul on each of two threads, 60-63 against 49-51 us).
+int (*mkl_set_local())(int) {
+  static auto f = reinterpret_cast<int (*)(int)>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  return f;
 }
 
-// Sets the calling thread to one OpenMP and one MKL thread for its lifetime, then restores both.
-class SingleThreaded {
+class MklSingleThreaded {
  public:
-  SingleThreaded() {
-    const auto& c = counts();
-    if (c.omp_get && c.omp_set) {
-      omp_ = c.omp_get();
-      c.omp_set(1);
-    }
-    if (c.mkl_set_local) mkl_ = c.mkl_set_local(1);
+  MklSingleThreaded() : set_(mkl_set_local()) {
+    if (set_) previous_ = set_(1);
   }
-  ~SingleThreaded() {
-    const auto& c = counts();
-    if (omp_ > 0) c.omp_set(omp_);
-    if (c.mkl_set_local) c.mkl_set_local(mkl_);
+  ~MklSingleThreaded() {
+    if (set_) set_(previous_);
   }
 
  private:
-  int omp_ = 0, mkl_ = 0;
+  int (*set_)(int);
+  int previous_ = 0;
 };
 
 // A spinning barrier for threads that each own a core; `fail` releases everyone (a thread threw).
@@ -113,82 +83,6 @@ class Barrier {
   std::atomic<bool> failed_{false};
 };
 
-// Helper threads kept between calls. `run(n, job)` calls job(0) on the caller and job(1..n-1) on helpers, and
-// returns when all are done. A helper spins for a while after a job (the next forward usually follows), then
-// sleeps on a condition variable.
-class Pool {
- public:
-  void run(int n, const std::function<void(int)>& job) {
-    std::lock_guard<std::mutex> one_at_a_time(run_mutex_);
-    while (helpers_ < n - 1) start_helper(++helpers_);
-    job_ = &job;
-    active_ = n;
-    pending_.store(helpers_, std::memory_order_release);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      generation_.fetch_add(1, std::memory_order_acq_rel);
-    }
-    wake_.notify_all();
-    {
-      SingleThreaded single;
-      job(0);
-    }
-    while (pending_.load(std::memory_order_acquire) > 0) cpu_relax();
-    job_ = nullptr;
-  }
-
- private:
-  static constexpr auto kSpin = std::chrono::milliseconds(2);
-
-  void start_helper(int id) {
-    uint64_t seen = generation_.load(std::memory_order_acquire);
-    std::thread([this, id, seen] { loop(id, seen); }).detach();
-  }
-
-  void loop(int id, uint64_t seen) {
-    // libtorch sets a new thread's counts from the global ones on its first parallel op; have that happen now,
-    // then set 1, so this thread never opens an OpenMP team (more OpenMP threads than cores makes libgomp stop
-    // spinning between regions, which slows every other PyTorch op in the process)
-    at::get_num_threads();
-    SingleThreaded single;
-    for (;;) {
-      auto start = std::chrono::steady_clock::now();
-      unsigned spins = 0;
-      while (generation_.load(std::memory_order_acquire) == seen) {
-        if ((++spins & 255) == 0 && std::chrono::steady_clock::now() - start > kSpin) {
-          std::unique_lock<std::mutex> lock(mutex_);
-          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-        } else {
-          cpu_relax();
-        }
-      }
-      seen = generation_.load(std::memory_order_acquire);
-      if (id < active_) (*job_)(id);
-      pending_.fetch_sub(1, std::memory_order_acq_rel);
-    }
-  }
-
-  std::mutex run_mutex_;
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  const std::function<void(int)>* job_ = nullptr;
-  int active_ = 0;
-  int helpers_ = 0;
-};
-
-Pool& pool() {
-  // never destroyed (helpers outlive static destruction); a forked child has none of the parent's helpers
-  static Pool* p = new Pool();
-  static pid_t owner = getpid();
-  if (owner != getpid()) {
-    p = new Pool();
-    owner = getpid();
-  }
-  return *p;
-}
-
 // per block: in_t, in_b, qkv_t, qkv_b, attention_t, up_t[F], up_b[F], down_t[F], output_t
 constexpr int kFixed = 6;
 
@@ -206,8 +100,7 @@ void check_block(const std::vector<torch::Tensor>& w, int64_t D) {
 
 // h: (N, D) float32, updated in place and returned; mask: additive (B, 1, 1, T) or undefined.
 torch::Tensor blocks_forward(torch::Tensor h, const c10::optional<torch::Tensor>& mask, int64_t B, int64_t T,
-                             const std::vector<std::vector<torch::Tensor>>& blocks, int64_t heads, bool shared,
-                             int64_t threads) {
+                             const std::vector<std::vector<torch::Tensor>>& blocks, int64_t heads, bool shared) {
   const int64_t N = h.size(0), D = h.size(1);
   TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.scalar_type() == at::kFloat, "h must be contiguous (N, D) fp32");
   TORCH_CHECK(N == B * T, "h has ", N, " rows, expected B*T = ", B * T);
@@ -218,7 +111,6 @@ torch::Tensor blocks_forward(torch::Tensor h, const c10::optional<torch::Tensor>
   TORCH_CHECK(heads > 0 && I % heads == 0, "intra size ", I, " is not divisible by ", heads, " heads");
   const int64_t F = (static_cast<int64_t>(blocks[0].size()) - kFixed) / 3;
   const int64_t up_width = blocks[0][kFixed - 1].size(1);
-  const int n = static_cast<int>(std::max<int64_t>(1, std::min(threads, N)));
   const bool inference = c10::InferenceMode::is_enabled();
 
   // double-buffered: a thread writes block l+1's projections while others may still read block l's keys/values
@@ -236,14 +128,17 @@ torch::Tensor blocks_forward(torch::Tensor h, const c10::optional<torch::Tensor>
     additive.reset();
   }
 
-  Barrier barrier(n);
+  std::unique_ptr<Barrier> meet;
   std::mutex error_mutex;
   std::exception_ptr error;
 
-  auto work = [&](int p) {
+  // thread p of n: rows [N p / n, N (p+1) / n), which may be none (fewer rows than threads)
+  auto work = [&](int p, int n) {
+    Barrier& barrier = *meet;
     try {
       c10::InferenceMode inference_mode(inference);
       at::NoGradGuard no_grad;
+      MklSingleThreaded single;
       const int64_t r0 = N * p / n, r1 = N * (p + 1) / n, rows = r1 - r0;
       if (rows == 0) {
         for (size_t l = 0; l < blocks.size(); ++l) barrier.wait();
@@ -292,10 +187,13 @@ torch::Tensor blocks_forward(torch::Tensor h, const c10::optional<torch::Tensor>
     }
   };
 
-  if (n == 1) {
-    work(0);
-  } else {
-    pool().run(n, work);
+  // PyTorch's own OpenMP team (torch.get_num_threads() threads; 1 when called inside a parallel region): its
+  // workers are the ones already spinning after the caller's last PyTorch op, so no thread has to be woken
+#pragma omp parallel
+  {
+#pragma omp single
+    meet = std::make_unique<Barrier>(omp_get_num_threads());
+    work(omp_get_thread_num(), omp_get_num_threads());
   }
   if (error) std::rethrow_exception(error);
   return h;
@@ -304,5 +202,5 @@ torch::Tensor blocks_forward(torch::Tensor h, const c10::optional<torch::Tensor>
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blocks_forward", &blocks_forward, "MobileBERT's blocks, token rows split over threads",
         py::arg("h"), py::arg("mask"), py::arg("B"), py::arg("T"), py::arg("blocks"), py::arg("heads"),
-        py::arg("shared"), py::arg("threads"), py::call_guard<py::gil_scoped_release>());
+        py::arg("shared"), py::call_guard<py::gil_scoped_release>());
 }

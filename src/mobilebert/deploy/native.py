@@ -1,24 +1,24 @@
 """The token-parallel runtime: the optimized model's blocks with each core on its own share of the tokens.
 
 At batch 1 MobileBERT's matmuls are small (128 tokens × 128–512), and splitting each one over the cores, as MKL's
-OpenMP threading does, buys little: its `addmm` on these shapes is 1.35× faster on two threads than on one. The
-rows of one token, though, depend on other tokens only in attention. So here each of n threads owns N/n token rows
-and runs every matmul, ReLU and SDPA of every block on them with single-threaded kernels; the threads meet once per
-block, when every token's keys and values are written (double-buffered, so no second meeting is needed). Thread 0
-is the caller, the others are helper threads that stay for the next call. Outputs are those of the Python loop
-(same ops on the same rows; tests hold 1e-6).
+OpenMP threading does, buys little: its `addmm` on these shapes is 1.35× faster on two threads than on one, and
+each of the ~290 ops of a forward pays a fork and a join. The rows of one token, though, depend on other tokens only
+in attention. So here each thread of PyTorch's OpenMP team (`torch.get_num_threads()`) owns N/n token rows and runs
+every matmul, ReLU and SDPA of every block on them with single-threaded kernels; the threads meet once per block,
+when every token's keys and values are written (double-buffered, so no second meeting is needed). Outputs are those
+of the Python loop (same ops on the same rows).
 
-Three measured details make it pay (README "Deploy"): the helpers run MKL and OpenMP at one thread each, set per
-thread (`MKL_Set_Num_Threads_Local`), which is faster than the same split inside an OpenMP region (there, MKL on
-each thread ran 13–20% slower than alone); a helper never opens an OpenMP team (more OpenMP threads than cores
-makes libgomp stop spinning between regions and slowed the rest of PyTorch 2.5×); and a helper spins for 2 ms after
-a call before it sleeps.
+Measured on two cores (README "Deploy"): 1×128 in 23–24 ms against 29–30 ms for the Python loop. Two details
+matter: MKL's thread-local count is set to 1 on each thread during the loop (inside an OpenMP region MKL runs one
+thread anyway, but was 13–20% slower per call than with the count set); and the loop uses PyTorch's own team, whose
+workers are still spinning after the caller's last op, rather than threads of its own: a helper thread of ours
+started about 3 ms late, waiting for a core that a spinning OpenMP worker held.
 
 Only the blocks of all-NoNorm models in fp32 run here (MobileBERT and MobileBERT-TINY: their residual steps are
 pre-scaled matmuls, `FusedBlock.residual_scales`), with ReLU; a forward asking for hidden states, or one being
 traced, compiled or exported, takes the Python loop. The loop is C++ on ATen ops (`native.cpp`), built on first use
-by `torch.utils.cpp_extension` (a C++ compiler, ninja and Python's headers; about 30 s once, then cached in
-PyTorch's extension directory, `TORCH_EXTENSIONS_DIR`).
+by `torch.utils.cpp_extension` with OpenMP (a C++ compiler, ninja and Python's headers; about 30 s once, then
+cached in PyTorch's extension directory, `TORCH_EXTENSIONS_DIR`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def extension() -> Any:
     from torch.utils import cpp_extension
 
     try:
-        return cpp_extension.load(name="mobilebert_native", sources=[str(SOURCE)], extra_cflags=["-O2"],
-                                  verbose=False)
+        return cpp_extension.load(name="mobilebert_native", sources=[str(SOURCE)], extra_cflags=["-O2", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
     except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as err:
         reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise UserError(f"the token-parallel runtime could not be built here ({reason}); it needs a C++ compiler, "
@@ -74,7 +74,7 @@ def _flat(w: Any) -> list[torch.Tensor]:
 
 
 class TokenParallel:
-    """Runs a `FusedMobileBert`'s blocks through the C++ loop on `torch.get_num_threads()` threads. Holds the
+    """Runs a `FusedMobileBert`'s blocks through the C++ loop on PyTorch's threads. Holds the
     blocks' tensors as the loop takes them, gathered again whenever a block's weights change (`.to()`,
     `set_buffers`); copies and pickles start without them."""
 
@@ -95,4 +95,4 @@ class TokenParallel:
         if len(weights) != len(self._key) or any(a is not b for a, b in zip(weights, self._key, strict=True)):
             self._key, self._blocks = weights, [_flat(w) for w in weights]
         return extension().blocks_forward(h.contiguous(), mask, B, T, self._blocks, layers[0].heads,
-                                          not layers[0].bottleneck_attention, torch.get_num_threads())
+                                          not layers[0].bottleneck_attention)
