@@ -30,6 +30,14 @@ def threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def tiny(threads):
+    """A tiny MobileBERT on two threads: (eager, token-parallel, padded batch)."""
+    threads(2)
+    eager = build("Model", mb.MobileBertConfig(**TINY))
+    return eager, optimize_for_inference(eager, token_parallel=True), padded_batch()
+
+
 @pytest.mark.parametrize("variant", NONORM)
 def test_matches_the_python_loop_on_every_thread_count_batch_and_padding(variant, threads):
     eager = build("Model", mb.MobileBertConfig(**{**TINY, **VARIANTS[variant]}))
@@ -55,10 +63,8 @@ def test_every_head_matches_eager(head, threads):
                         hidden_states=False)
 
 
-def test_hidden_states_and_partial_depth_take_the_python_loop_and_agree(threads):
-    threads(2)
-    eager = build("Model", mb.MobileBertConfig(**TINY))
-    parallel, batch = optimize_for_inference(eager, token_parallel=True), padded_batch()
+def test_hidden_states_and_partial_depth_take_the_python_loop_and_agree(tiny):
+    eager, parallel, batch = tiny
     assert_same_outputs(parallel, eager, batch, hidden_states=True)
     with torch.no_grad():
         for n in (0, 1, 3):
@@ -79,10 +85,9 @@ def test_full_size_mobilebert_matches_the_python_loop(threads):
     assert relative_error(out, ref) <= 1e-6
 
 
-def test_weights_changed_after_optimizing_are_used(threads):
-    threads(2)
-    eager = build("Model", mb.MobileBertConfig(**TINY))
-    parallel, ids = optimize_for_inference(eager, token_parallel=True), padded_batch()["input_ids"]
+def test_weights_changed_after_optimizing_are_used(tiny):
+    _, parallel, batch = tiny
+    ids = batch["input_ids"]
     with torch.no_grad():
         before = parallel(ids).last_hidden_state
         moved = parallel.to(torch.float64).to(torch.float32)  # new tensors for every buffer
@@ -108,10 +113,9 @@ def test_reduced_precision_is_refused():
         optimize_for_inference(eager, dtype=torch.bfloat16, token_parallel=True)
 
 
-def test_an_error_inside_the_loop_is_raised_and_the_threads_stay_usable(threads):
-    threads(2)
-    eager = build("Model", mb.MobileBertConfig(**TINY))
-    parallel, ids = optimize_for_inference(eager, token_parallel=True), padded_batch()["input_ids"]
+def test_an_error_inside_the_loop_is_raised_and_the_threads_stay_usable(tiny):
+    _, parallel, batch = tiny
+    ids = batch["input_ids"]
     with torch.no_grad():
         before = parallel(ids).last_hidden_state
         h = torch.randn(ids.numel(), TINY["hidden_size"])
