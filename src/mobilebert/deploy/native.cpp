@@ -107,8 +107,8 @@ torch::Tensor blocks_forward(torch::Tensor h, const c10::optional<torch::Tensor>
   TORCH_CHECK(!blocks.empty(), "no blocks");
   for (const auto& w : blocks) check_block(w, D);
   const int64_t I = blocks[0][4].size(0);  // attention_t: (I, I)
-  const int64_t d = I / heads;
   TORCH_CHECK(heads > 0 && I % heads == 0, "intra size ", I, " is not divisible by ", heads, " heads");
+  const int64_t d = I / heads;
   const int64_t F = (static_cast<int64_t>(blocks[0].size()) - kFixed) / 3;
   const int64_t up_width = blocks[0][kFixed - 1].size(1);
   const bool inference = c10::InferenceMode::is_enabled();
