@@ -276,8 +276,9 @@ def test_layer_losses_on_real_models():
     out = layer_losses(t.hidden_states, s.hidden_states, t.attention_scores, s.attention_scores,
                        batch["attention_mask"], layers=range(cfg.num_hidden_layers))
     assert len(out.terms) == 2 * cfg.num_hidden_layers
+    # A KL of near-equal distributions is 0 up to rounding: -1e-8 was seen on AMD CPUs (other kernels, other sums).
     for value in (*out.terms.values(), *out.logs.values(), out.total):
-        assert torch.isfinite(value) and value >= 0
+        assert torch.isfinite(value) and value >= -1e-6
     out.total.backward()
     grads = [p.grad for p in student.mobilebert.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
