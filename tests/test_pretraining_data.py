@@ -5,15 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mobilebert.data.pretraining import (
-    IGNORE_INDEX,
-    MaskSettings,
-    PairSettings,
-    PretrainingBatches,
-    cached_pairs,
-    create_pairs,
-    mask_tokens,
-)
+from mobilebert.data.pairs import PairSettings, create_pairs
+from mobilebert.data.pretraining import IGNORE_INDEX, MaskSettings, PretrainingBatches, mask_tokens, shuffled
 from mobilebert.errors import UserError
 
 CLS, SEP, MASK, PAD = 2, 3, 4, 0
@@ -58,14 +51,22 @@ def test_labels_stay_even_on_short_documents():
         assert ex[a_end] == ex[a_end - 2] + 1  # B starts with the token that follows A's last one
 
 
-def test_pairs_are_deterministic_and_cached(tmp_path):
+def test_pairs_are_deterministic():
     settings = PairSettings(max_seq_length=32, seed=3)
-    a = create_pairs(documents(), CLS, SEP, settings)
-    b = cached_pairs(tmp_path, {"k": 1}, lambda: create_pairs(documents(), CLS, SEP, settings))
-    c = cached_pairs(tmp_path, {"k": 1}, lambda: pytest.fail("built twice"))
-    for x in (b, c):
-        np.testing.assert_array_equal(a.tokens, x.tokens)
-        np.testing.assert_array_equal(a.is_random_next, x.is_random_next)
+    a, b = (create_pairs(documents(), CLS, SEP, settings) for _ in range(2))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.is_random_next, b.is_random_next)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1000, 4099])
+def test_shuffled_is_a_permutation_keyed_by_seed_and_epoch(n):
+    order = shuffled(np.arange(n), n, seed=5, epoch=0)
+    assert sorted(order.tolist()) == list(range(n))
+    np.testing.assert_array_equal(order[3:9], shuffled(np.arange(3, 9)[: max(0, n - 3)], n, 5, 0)[: len(order[3:9])])
+    if n >= 64:  # another epoch or seed gives another order, and the order is far from the identity
+        assert not np.array_equal(order, shuffled(np.arange(n), n, seed=5, epoch=1))
+        assert not np.array_equal(order, shuffled(np.arange(n), n, seed=6, epoch=0))
+        assert np.mean(order == np.arange(n)) < 0.1
 
 
 def test_too_small_corpus_is_refused():

@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from mobilebert.config import MobileBertConfig
 from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
 
 log = logging.getLogger("mobilebert")
 
@@ -196,6 +195,12 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: corrupt or truncated weight file ({e})") from None
 
 
+def has_tokenizer(path_or_hub_id: str | os.PathLike) -> bool:
+    """Whether a checkpoint folder carries tokenizer files."""
+    folder = resolve(path_or_hub_id)
+    return (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file()
+
+
 def resolve(path_or_hub_id: str | os.PathLike) -> Path:
     """A local directory, or a hub id fetched through huggingface_hub (safetensors preferred)."""
     path = Path(path_or_hub_id)
@@ -252,20 +257,6 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, tokenize
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary file in the same folder and rename it into place: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class PretrainedMixin:

@@ -30,6 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
                "ib-bert-large.yaml --out runs/teacher")
     _add_run_arguments(pretrain)
 
+    prep = commands.add_parser(
+        "prepare", help="corpus -> tokenizer -> sharded NSP pairs on disk, in parallel, for pretrain and distill",
+        description="Prepare a corpus once for pre-training and distillation: train a WordPiece tokenizer on it (or "
+                    "load --tokenizer), tokenize it and cut BERT's next-sentence pairs in worker processes, and "
+                    "write shards of flat token arrays with a manifest (counts, sha256 of every file). Memory does "
+                    "not grow with the corpus; the bytes written do not depend on the number of workers; an "
+                    "interrupted preparation continues with --resume. Options: the data section of a pretrain "
+                    "config (--config FILE) and --data.KEY overrides, e.g. --data.max_seq_length 512 "
+                    "--data.dupe_factor 5 --data.shard_mb 16 --data.holdout_every 1000.",
+        epilog="Example: mobilebert prepare --corpus corpus/ --tokenizer google-vocab/ --data.max_seq_length 512 "
+               "--out prepared/ ; then: mobilebert pretrain --data.prepared prepared/ --out runs/teacher")
+    prep.add_argument("--config", help="YAML file whose data section says what to prepare")
+    prep.add_argument("--out", required=True, help="the prepared-data folder to write")
+    prep.add_argument("--corpus", help="a source: builtin, a text file or folder, a parquet/json/arrow file, a hub id")
+    prep.add_argument("--tokenizer", help="folder with tokenizer.json or vocab.txt (default: train one)")
+    prep.add_argument("--workers", type=int, help="worker processes (default: every core)")
+    prep.add_argument("--resume", action="store_true", help="continue an interrupted preparation")
+    prep.add_argument("--overwrite", action="store_true", help="delete --out and start again")
+
     distill = commands.add_parser(
         "distill", help="knowledge transfer teacher → MobileBERT student (PKT, JKT or AKT), then distillation",
         description="Transfer a pre-trained IB-BERT teacher into a MobileBERT student: layer-wise feature-map and "
@@ -117,7 +136,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="delete earlier results in --out and start again")
 
 
-TRAINING_COMMANDS = ("pretrain", "distill", "finetune")
+TRAINING_COMMANDS = ("prepare", "pretrain", "distill", "finetune")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "presets":
             from mobilebert.recipes.presets import main as run
+        elif args.command == "prepare":
+            from mobilebert.recipes.prepare import main as run
         elif args.command == "pretrain":
             from mobilebert.recipes.pretrain import main as run
         elif args.command == "distill":

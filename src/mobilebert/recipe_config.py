@@ -39,7 +39,7 @@ def to_dict(options: Any) -> dict[str, Any]:
 
 
 def save_config(options: Any, path: Path) -> None:
-    from mobilebert.checkpoint import atomic_write
+    from mobilebert.files import atomic_write
 
     text = yaml.safe_dump(to_dict(options), sort_keys=False)
     atomic_write(path, lambda p: p.write_text(text))

@@ -8,8 +8,9 @@ gives the same ids. Special-token ids are always looked up by token: the publish
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,8 @@ import tokenizers
 import torch
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from mobilebert.checkpoint import atomic_write
 from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS
@@ -78,11 +79,17 @@ class Tokenizer:
         """Train a WordPiece vocabulary of at most `vocab_size` tokens on a corpus (documents of sentences).
 
         The special tokens come first ([PAD], [UNK], [CLS], [SEP], [MASK] = 0..4). The corpus is held in memory
-        because training reads it twice; the result is the same for the same corpus (see `_train_vocab`).
+        because training reads it twice (`train_from_stream` reads a corpus of any size); the result is the same
+        for the same corpus (see `_train_vocab`).
         """
         sentences = [sentence for document in documents for sentence in document]
-        if not sentences:
-            raise UserError("cannot train a tokenizer on an empty corpus")
+        return cls.train_from_stream(lambda: iter(sentences), vocab_size, min_frequency)
+
+    @classmethod
+    def train_from_stream(cls, sentences: Callable[[], Iterator[str]], vocab_size: int = 8192,
+                          min_frequency: int = 2) -> Tokenizer:
+        """As `train`, from a function that returns a fresh iterator over the corpus's sentences each time it is
+        called (training reads the corpus twice); memory grows with the distinct words, not the corpus."""
         return cls(bert_backend(_train_vocab(sentences, vocab_size, min_frequency)))
 
     @classmethod
@@ -123,6 +130,13 @@ class Tokenizer:
         atomic_write(out / "tokenizer_config.json", lambda p: _write_json(p, config))
         atomic_write(out / "special_tokens_map.json", lambda p: _write_json(p, special_map))
         return out
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the vocabulary in id order and the text normalisation: two tokenizers with
+        the same fingerprint give the same ids."""
+        h = hashlib.sha256("\n".join(self._tokens_by_id()).encode("utf-8"))
+        h.update(json.dumps(self._normalizer_options(), sort_keys=True).encode())
+        return h.hexdigest()[:16]
 
     def _tokens_by_id(self) -> list[str]:
         tokens: list[str | None] = [None] * self.vocab_size
@@ -226,28 +240,37 @@ class Tokenizer:
                 "token_type_ids": torch.tensor([e.type_ids for e in encodings], dtype=torch.int64)}
 
 
-def _train_vocab(sentences: list[str], vocab_size: int, min_frequency: int) -> dict[str, int]:
-    """A WordPiece vocabulary trained on `sentences`, the same on every run.
+def _train_vocab(sentences: Callable[[], Iterator[str]], vocab_size: int, min_frequency: int) -> dict[str, int]:
+    """A WordPiece vocabulary trained on the sentences `sentences()` yields, the same on every run.
 
     tokenizers' trainer numbers the `##x` pieces in hash-map order, which changes from process to process, and
     breaks ties between equally frequent merges by those numbers, so its vocabulary is not reproducible. A first
     pass (no merges) finds the `##x` pieces; the second pass gets them up front, in sorted order, and is then
     deterministic.
     """
-    pieces = _trained(sentences, vocab_size=0, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS))
+    seen = [0]
+
+    def counted() -> Iterator[str]:
+        for sentence in sentences():
+            seen[0] += 1
+            yield sentence
+
+    pieces = _trained(counted(), vocab_size=0, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS))
+    if not seen[0]:
+        raise UserError("cannot train a tokenizer on an empty corpus")
     continuing = sorted(token for token in pieces.get_vocab() if token.startswith(CONTINUING_PREFIX))
-    trained = _trained(sentences, vocab_size, min_frequency, special_tokens=[*SPECIAL_TOKENS, *continuing])
+    trained = _trained(sentences(), vocab_size, min_frequency, special_tokens=[*SPECIAL_TOKENS, *continuing])
     # Read from the model alone: the trainer also registered the `##x` pieces as special added tokens.
     return trained.get_vocab(with_added_tokens=False)
 
 
-def _trained(sentences: list[str], vocab_size: int, min_frequency: int,
+def _trained(sentences: Iterator[str], vocab_size: int, min_frequency: int,
              special_tokens: list[str]) -> tokenizers.Tokenizer:
     backend = tokenizers.Tokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix=CONTINUING_PREFIX))
     _set_bert_splitting(backend)
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                         special_tokens=special_tokens, continuing_subword_prefix=CONTINUING_PREFIX)
-    backend.train_from_iterator(sentences, trainer=trainer, length=len(sentences))
+    backend.train_from_iterator(sentences, trainer=trainer)
     return backend
 
 

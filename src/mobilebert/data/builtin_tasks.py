@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mobilebert.checkpoint import atomic_write
 from mobilebert.data.corpus import load_corpus
 from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
 
 QUESTION = ("from", "to")  # a builtin-qa question: "from <first word of the span> to <its last word>"
 VERSION = 3  # of the generators: a folder written by another version is rewritten

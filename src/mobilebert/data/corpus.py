@@ -57,18 +57,20 @@ def split_sentences(text: str) -> list[str]:
 def _split_paragraph(text: str) -> list[str]:
     sentences, start = [], 0
     for match in _BOUNDARY.finditer(text):
-        candidate = text[start:match.end()]
-        if _ends_with_abbreviation(candidate):
+        end = match.end()
+        space = text.rfind(" ", start, end)  # the candidate's last word, found without copying the candidate
+        if _ends_with_abbreviation(text[space + 1 if space >= 0 else start:end]):
             continue
-        sentences.append(candidate.strip())
-        start = match.end()
+        sentences.append(text[start:end].strip())
+        start = end
     sentences.append(text[start:].strip())
     return [s for s in sentences if s]
 
 
-def _ends_with_abbreviation(text: str) -> bool:
-    word = text.rsplit(" ", 1)[-1].lstrip("\"'“‘([").lower()
-    return word in _ABBREVIATIONS or re.fullmatch(r"[a-z]\.", word) is not None
+def _ends_with_abbreviation(word: str) -> bool:
+    word = word.lstrip("\"'“‘([").lower()
+    # An initial ("J."): written out, not as a regular expression, since this runs at every candidate boundary.
+    return word in _ABBREVIATIONS or (len(word) == 2 and word[1] == "." and "a" <= word[0] <= "z")
 
 
 # ---- the built-in corpus: the standard library's docstrings ----
@@ -264,12 +266,19 @@ def read_dataset(source: str, split: str = "train", text_field: str = "text", st
     then grouped into documents of that many sentences. The dataset is opened (and checked) at once; documents are
     read lazily.
     """
+    texts = dataset_texts(source, split, text_field, streaming, config_name)
+    return _grouped_documents(texts, group_size) if group_size else _blank_line_documents(texts)
+
+
+def dataset_texts(source: str, split: str = "train", text_field: str = "text", streaming: bool = False,
+                  config_name: str | None = None) -> Iterator[str]:
+    """The non-empty `text_field` of each record of a dataset (see `read_dataset`), unsplit. The dataset is opened
+    and its columns checked at once; records are read lazily."""
     dataset = _open_dataset(source, split, streaming, config_name)
     columns = dataset.column_names  # None for some streamed datasets, whose columns are only known when read
     if columns is not None and text_field not in columns:
         raise UserError(f"{source}: no text field {text_field!r}; the columns are {', '.join(columns)}")
-    texts = _record_texts(dataset, source, text_field)
-    return _grouped_documents(texts, group_size) if group_size else _blank_line_documents(texts)
+    return _record_texts(dataset, source, text_field)
 
 
 def _open_dataset(source: str, split: str, streaming: bool, config_name: str | None) -> Any:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mobilebert.checkpoint import atomic_write
 from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
 
 HUB_ID = "nyu-mll/glue"
 METRICS = ("matthews", "accuracy", "f1", "pearson", "spearman")

@@ -1,21 +1,16 @@
 """BERT-style pre-training examples: sentence pairs for next-sentence prediction, and masked-LM masking.
 
-Pairs are built once per corpus, tokenizer and settings, then cached as plain numpy arrays. Masking is dynamic
-but deterministic: example i of epoch e is masked with a generator seeded by (seed, e, i), so a batch is a pure
-function of (seed, step), whatever the batch split across processes or micro-batches. Resuming at step N needs
-nothing but N.
+Pairs are prepared once per corpus, tokenizer and settings (`data/prepare.py`) and read through memory maps.
+Masking is dynamic but deterministic: example i of epoch e is masked with a generator seeded by (seed, e, i), so
+a batch is a pure function of (seed, step), whatever the batch split across processes or micro-batches. Resuming
+at step N needs nothing but N.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import random
-import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,156 +21,10 @@ IGNORE_INDEX = -100  # label of positions that are not predicted
 
 
 @dataclass(frozen=True)
-class PairSettings:
-    """How sentence pairs are cut (BERT's create_pretraining_data)."""
-
-    max_seq_length: int = 128
-    short_seq_prob: float = 0.1  # sometimes use a shorter target length, so the model also sees short inputs
-    dupe_factor: int = 1  # passes over the corpus, each with different pairs
-    seed: int = 12345
-
-
-@dataclass(frozen=True)
 class MaskSettings:
     masked_lm_prob: float = 0.15
     max_predictions_per_seq: int = 20
     whole_word_masking: bool = False
-
-
-@dataclass
-class PairDataset:
-    """Token pairs `[CLS] A [SEP] B [SEP]` stored flat: example i is tokens[offsets[i]:offsets[i+1]]."""
-
-    tokens: np.ndarray  # (N_tokens,) int32
-    offsets: np.ndarray  # (N + 1,) int64
-    first_lengths: np.ndarray  # (N,) int32: length of [CLS] A [SEP], where segment B starts
-    is_random_next: np.ndarray  # (N,) int8: NSP label, 1 when B was taken from another document
-
-    def __len__(self) -> int:
-        return len(self.first_lengths)
-
-    def example(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
-
-    def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        for name in ("tokens", "offsets", "first_lengths", "is_random_next"):
-            np.save(directory / f"{name}.npy", getattr(self, name), allow_pickle=False)
-
-    @classmethod
-    def load(cls, directory: Path) -> PairDataset:
-        arrays = {name: np.load(directory / f"{name}.npy", allow_pickle=False)
-                  for name in ("tokens", "offsets", "first_lengths", "is_random_next")}
-        return cls(**arrays)
-
-
-def create_pairs(documents: Sequence[Sequence[list[int]]], cls_id: int, sep_id: int,
-                 settings: PairSettings) -> PairDataset:
-    """Cut tokenized documents (lists of sentences of token ids) into NSP pairs, BERT's algorithm.
-
-    Sentences are gathered until a target length; a random split point makes segment A; segment B is the rest
-    (is_random_next=0) or, half of the time, a random span of another document (1), in which case the unused
-    sentences go back to be used again. A chunk of one sentence is cut inside the sentence (BERT would always
-    pair it with a random span), so the two labels stay even on corpora of short documents. Pairs are trimmed
-    to fit `max_seq_length` from the longer side.
-    """
-    documents = [doc for doc in (_nonempty(d) for d in documents) if doc]
-    if len(documents) < 2:
-        raise UserError("the corpus needs at least two non-empty documents to make next-sentence pairs")
-    rng = random.Random(settings.seed)
-    tokens: list[int] = []
-    offsets, first_lengths, labels = [0], [], []
-    for _ in range(settings.dupe_factor):
-        for d in range(len(documents)):
-            for first, second, random_next in _document_pairs(documents, d, settings, rng):
-                tokens.extend([cls_id, *first, sep_id, *second, sep_id])
-                offsets.append(len(tokens))
-                first_lengths.append(len(first) + 2)
-                labels.append(int(random_next))
-    order = np.random.default_rng(settings.seed).permutation(len(labels))  # pairs of one document are neighbours
-    return _reorder(PairDataset(np.asarray(tokens, dtype=np.int32), np.asarray(offsets, dtype=np.int64),
-                                np.asarray(first_lengths, dtype=np.int32), np.asarray(labels, dtype=np.int8)), order)
-
-
-def _nonempty(document: Sequence[list[int]]) -> list[list[int]]:
-    return [s for s in document if len(s) > 0]
-
-
-def _document_pairs(documents, d, settings, rng):
-    """Yield (A tokens, B tokens, is_random_next) for document d."""
-    max_tokens = settings.max_seq_length - 3  # [CLS], [SEP], [SEP]
-    target = rng.randint(2, max_tokens) if rng.random() < settings.short_seq_prob else max_tokens
-    document, chunk, length, i = documents[d], [], 0, 0
-    while i < len(document):
-        chunk.append(document[i])
-        length += len(document[i])
-        if i == len(document) - 1 or length >= target:
-            split = len(chunk) == 1 and len(chunk[0]) >= 2
-            if split:
-                # BERT pairs a lone sentence with a random next one, which on corpora of short documents makes
-                # most labels "random" (64% on the built-in corpus). Cutting the sentence in two keeps them 50/50.
-                cut = rng.randint(1, len(chunk[0]) - 1)
-                chunk = [chunk[0][:cut], chunk[0][cut:]]
-            a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
-            first = [t for s in chunk[:a_end] for t in s]
-            if len(chunk) == 1 or rng.random() < 0.5:
-                second = _random_span(documents, d, target - len(first), rng)
-                if not split:
-                    i -= len(chunk) - a_end  # put the unused sentences back
-                random_next = True
-            else:
-                second = [t for s in chunk[a_end:] for t in s]
-                random_next = False
-            _truncate_pair(first, second, max_tokens, rng)
-            if first and second:
-                yield first, second, random_next
-            chunk, length = [], 0
-        i += 1
-
-
-def _random_span(documents, d, target, rng) -> list[int]:
-    other = rng.randrange(len(documents) - 1)
-    other += other >= d  # any document but d
-    doc = documents[other]
-    start, span = rng.randrange(len(doc)), []
-    for sentence in doc[start:]:
-        span.extend(sentence)
-        if len(span) >= target:
-            break
-    return span
-
-
-def _truncate_pair(first: list[int], second: list[int], max_tokens: int, rng: random.Random) -> None:
-    """Trim the longer segment, from the front or the back at random, until the pair fits (in place)."""
-    while len(first) + len(second) > max_tokens:
-        longer = first if len(first) > len(second) else second
-        del longer[0 if rng.random() < 0.5 else -1]
-
-
-def _reorder(data: PairDataset, order: np.ndarray) -> PairDataset:
-    lengths = np.diff(data.offsets)[order]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    tokens = np.concatenate([data.example(i) for i in order]) if len(order) else data.tokens
-    return PairDataset(tokens.astype(np.int32), offsets, data.first_lengths[order], data.is_random_next[order])
-
-
-def cached_pairs(cache_root: Path, key: dict, build) -> PairDataset:
-    """Load the pairs cached under a hash of `key`, or build them once with `build()` and cache them."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    directory = cache_root / f"pairs-{digest}"
-    if (directory / "done").is_file():
-        return PairDataset.load(directory)
-    data = build()
-    tmp = cache_root / f".pairs-{digest}.{os.getpid()}.tmp"  # per process: concurrent ranks may all build
-    shutil.rmtree(tmp, ignore_errors=True)
-    data.save(tmp)
-    (tmp / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True, default=str))
-    (tmp / "done").write_text("")
-    try:
-        tmp.replace(directory)
-    except OSError:  # another process finished first: its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return data
 
 
 def mask_tokens(ids: np.ndarray, special: np.ndarray, word_start: np.ndarray | None, vocab_size: int,
@@ -214,11 +63,13 @@ def mask_tokens(ids: np.ndarray, special: np.ndarray, word_start: np.ndarray | N
 class PretrainingBatches:
     """Global batch `step` of an endless, epoch-wise shuffled stream of masked pairs; a pure function of step.
 
-    With `world_size` processes each rank gets its contiguous share of every global batch, so the union of all
-    ranks' batches is exactly the single-process batch.
+    `data` is any set of pairs with `len` and `pair(i)` (in memory, or memory-mapped shards). Each epoch visits the
+    examples in the order of a keyed permutation (`shuffled`), computed for the positions asked only, so no
+    per-example order array is held. With `world_size` processes each rank gets its contiguous share of every
+    global batch, so the union of all ranks' batches is exactly the single-process batch.
     """
 
-    def __init__(self, data: PairDataset, batch_size: int, vocab_size: int, mask_id: int, pad_id: int,
+    def __init__(self, data: Any, batch_size: int, vocab_size: int, mask_id: int, pad_id: int,
                  special_ids: set[int], mask_settings: MaskSettings, seed: int,
                  word_start_table: np.ndarray | None = None, rank: int = 0, world_size: int = 1) -> None:
         if batch_size % world_size:
@@ -230,30 +81,30 @@ class PretrainingBatches:
         self.word_start_table = word_start_table  # per vocabulary id: True unless the piece starts with '##'
         self.mask_settings = mask_settings
         self.rank, self.world_size = rank, world_size
-        self._orders: dict[int, np.ndarray] = {}
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.data))}
-        return self._orders[epoch]
 
     def indices(self, step: int) -> list[tuple[int, int]]:
         """(epoch, example index) of this rank's share of global batch `step`."""
+        n = len(self.data)
         share = self.batch_size // self.world_size
-        first = step * self.batch_size + self.rank * share
-        return [(p // len(self.data), int(self._order(p // len(self.data))[p % len(self.data)]))
-                for p in range(first, first + share)]
+        positions = np.arange(step * self.batch_size + self.rank * share,
+                              step * self.batch_size + (self.rank + 1) * share, dtype=np.int64)
+        epochs, local = positions // n, positions % n
+        order = np.empty_like(local)
+        for epoch in np.unique(epochs):
+            chosen = epochs == epoch
+            order[chosen] = shuffled(local[chosen], n, self.seed, int(epoch))
+        return [(int(e), int(i)) for e, i in zip(epochs, order, strict=True)]
 
     def example(self, epoch: int, index: int) -> dict[str, np.ndarray]:
-        ids = self.data.example(index)
+        ids, first_length, is_random_next = self.data.pair(index)
         rng = np.random.default_rng([self.seed, epoch, index])
         word_start = None if self.word_start_table is None else self.word_start_table[ids]
         masked, labels = mask_tokens(ids, self.special_table[ids], word_start, self.vocab_size, self.mask_id,
                                      self.mask_settings, rng)
         types = np.zeros(len(ids), dtype=np.int64)
-        types[self.data.first_lengths[index]:] = 1
+        types[first_length:] = 1
         return {"input_ids": masked, "token_type_ids": types, "labels": labels,
-                "next_sentence_label": np.int64(self.data.is_random_next[index])}
+                "next_sentence_label": np.int64(is_random_next)}
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         return collate([self.example(e, i) for e, i in self.indices(step)], self.pad_id)
@@ -261,6 +112,63 @@ class PretrainingBatches:
     def state(self) -> dict:
         return {"seed": self.seed, "batch_size": self.batch_size, "examples": len(self.data),
                 "mask": asdict(self.mask_settings)}
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def shuffled(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+    """The images of `positions` (in [0, n)) under a permutation of [0, n) keyed by (seed, epoch).
+
+    A 4-round Feistel network on the smallest even power of two >= n is a bijection of that range; walking the
+    cycle (applying it again while the result is >= n) restricts it to a bijection of [0, n), fewer than 4 rounds
+    on average. O(1) memory per position, where `rng.permutation(n)` holds 8 bytes per example of the corpus.
+    """
+    bits = max(2, int(n - 1).bit_length())
+    bits += bits % 2
+    half = np.uint64(bits // 2)
+    mask = np.uint64((1 << (bits // 2)) - 1)
+    keys = np.random.default_rng([seed, epoch]).integers(0, 2**63, 4, dtype=np.uint64)
+    out = np.asarray(positions, dtype=np.uint64).copy()
+    todo = np.ones(len(out), dtype=bool)
+    while todo.any():
+        out[todo] = _feistel(out[todo], keys, half, mask)
+        todo = out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
+def _feistel(x: np.ndarray, keys: np.ndarray, half: np.uint64, mask: np.uint64) -> np.ndarray:
+    left, right = x >> half, x & mask
+    for key in keys:
+        h = (right + key) * _GOLDEN  # a splitmix64-style mix of the right half with the round key
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(32)
+        left, right = right, left ^ (h & mask)
+    return (left << half) | right
+
+
+class _Steps(torch.utils.data.Dataset):
+    """Batches `start`.. as a map-style dataset: item i is global batch start + i of this rank."""
+
+    def __init__(self, batches: PretrainingBatches, start: int, end: int) -> None:
+        self.batches, self.start, self.end = batches, start, end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.batches.batch(self.start + i)
+
+
+def batch_stream(batches: PretrainingBatches, start: int, end: int, workers: int = 0) -> Iterator[dict]:
+    """Batches `start` to `end - 1`, in order. With `workers` > 0, background processes mask and collate ahead of
+    the training step (torch's DataLoader, 4 batches ahead per worker), so the accelerator does not wait."""
+    if workers <= 0:
+        return (batches.batch(step) for step in range(start, end))
+    loader = torch.utils.data.DataLoader(_Steps(batches, start, end), batch_size=None, num_workers=workers,
+                                         prefetch_factor=4)
+    return iter(loader)
 
 
 def collate(examples: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from mobilebert.checkpoint import atomic_write
 from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
 from mobilebert.tokenizer import Tokenizer
 
 Span = tuple[int, int]  # [start, end) character offsets into the context

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mobilebert.checkpoint import atomic_write
 from mobilebert.deploy.compiled import inductor_settings, own_ffn_storage
 from mobilebert.deploy.export import (
     INPUT_NAMES,
@@ -39,6 +38,7 @@ from mobilebert.deploy.export import (
 )
 from mobilebert.deploy.optimize import optimize_for_inference
 from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
 from mobilebert.model import check_length
 
 _META = "mobilebert."  # prefix of our keys in the package's metadata

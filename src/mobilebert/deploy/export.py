@@ -25,9 +25,9 @@ import onnx
 import torch
 from torch import nn
 
-from mobilebert.checkpoint import atomic_write
 from mobilebert.deploy.optimize import optimize_for_inference
 from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
 from mobilebert.heads import MobileBertForMaskedLM, MobileBertForMultipleChoice, MobileBertForTokenClassification
 from mobilebert.model import check_length, check_same_shapes
 

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from mobilebert.checkpoint import atomic_write
 from mobilebert.deploy.export import (
     INPUT_NAMES,
     Exportable,
@@ -49,6 +48,7 @@ from mobilebert.deploy.export import (
 from mobilebert.deploy.mobile import portable, quiet_stderr
 from mobilebert.deploy.optimize import optimize_for_inference
 from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
 from mobilebert.model import check_length
 
 METADATA_NAME = "mobilebert"  # the flatbuffer metadata entry holding our JSON

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mobilebert.checkpoint import atomic_write
 from mobilebert.deploy.export import (
     INPUT_NAMES,
     Exportable,
@@ -47,6 +46,7 @@ from mobilebert.deploy.export import (
 )
 from mobilebert.deploy.optimize import FusedBlock, FusedEmbeddings, FusedMobileBert, optimize_for_inference
 from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
 from mobilebert.model import check_length
 
 METADATA_METHOD = "mobilebert_metadata"  # a constant method of the program: our metadata as UTF-8 JSON bytes

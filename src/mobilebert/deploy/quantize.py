@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mobilebert.checkpoint import atomic_write
 from mobilebert.deploy.export import INPUT_NAMES
 from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
 
 # The weight-carrying ops: Linear layers (MatMul, Gemm for 2-D inputs) and the embedding tables (Gather).
 # Element-wise ops stay float: NoNorm's huge activations would take the whole int8 range of an Add or Mul.

@@ -23,8 +23,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mobilebert.checkpoint import atomic_write
 from mobilebert.data.builtin_tasks import BUILTIN_TASKS, BuiltinSizes, write_builtin_tasks
+from mobilebert.files import atomic_write
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from mobilebert.checkpoint import atomic_write, read_config
+from mobilebert.checkpoint import read_config
 from mobilebert.data.builtin_tasks import BUILTIN_TASKS
+from mobilebert.files import atomic_write
 from mobilebert.report import format_table
 from mobilebert.stats import count_flops, count_parameters
 from mobilebert.train.rundir import read_metrics

@@ -18,7 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from mobilebert.config import preset
-from mobilebert.data.pretraining import IGNORE_INDEX
+from mobilebert.data.pretraining import IGNORE_INDEX, batch_stream
+from mobilebert.data.training import (
+    DataOptions,
+    batches_for,
+    check_options,
+    check_tokenizer,
+    loader_workers,
+    prepare_data,
+    write_record,
+)
 from mobilebert.distill.losses import FMTWeights, kd_cross_entropy, layer_losses
 from mobilebert.distill.strategies import (
     Stage,
@@ -34,7 +43,8 @@ from mobilebert.distill.strategies import (
 from mobilebert.errors import UserError
 from mobilebert.heads import MobileBertForPreTraining
 from mobilebert.recipe_config import load_config, save_config
-from mobilebert.recipes.pretrain import DataOptions, batches_for, evaluate_pretraining, prepare_data
+from mobilebert.recipes.pretrain import evaluate_pretraining
+from mobilebert.tokenizer import Tokenizer
 from mobilebert.train.loop import Engine, TrainOptions, micro_batches, open_run
 from mobilebert.train.optim import parameter_groups
 
@@ -70,7 +80,8 @@ class TransferOptions:
 @dataclass
 class DistillOptions:
     distill: TransferOptions = field(default_factory=TransferOptions)
-    data: DataOptions = field(default_factory=DataOptions)
+    # By default the data the teacher was trained on (its folder records where it was prepared).
+    data: DataOptions = field(default_factory=lambda: DataOptions(prepared="teacher"))
     train: TrainOptions = field(default_factory=lambda: TrainOptions(optimizer="lamb", lr=1e-3))
 
 
@@ -136,14 +147,16 @@ def main(args: argparse.Namespace) -> int:
     transfer = options.distill
     if not transfer.teacher:
         raise UserError("no teacher: pass --teacher DIR (a checkpoint from `mobilebert pretrain`)")
+    if options.data.tokenizer is None:  # the teacher's vocabulary, so ids mean the same to both
+        options.data = dataclasses.replace(options.data, tokenizer=str(transfer.teacher))
+    check_options(options.data)
     opened = open_run(args.out, args.resume, args.overwrite, options.train.device)
     if opened is None:
         return 0
     dist, run = opened
     teacher = MobileBertForPreTraining.from_pretrained(transfer.teacher)
-    if options.data.tokenizer is None:  # the teacher's vocabulary, so ids mean the same to both
-        options.data = dataclasses.replace(options.data, tokenizer=str(transfer.teacher))
-    data = prepare_data(options.data, run.root, dist)
+    data = prepare_data(options.data, run.root, dist, teacher=transfer.teacher)
+    check_tokenizer(data, Tokenizer.from_pretrained(transfer.teacher), f"the teacher {transfer.teacher}")
     student_cfg = preset(transfer.student, **{"vocab_size": data.tokenizer.vocab_size, **transfer.student_overrides})
     layer_map = build_layer_map(transfer.layer_map, teacher.config.num_hidden_layers, student_cfg.num_hidden_layers)
     copy = transfer.strategy in ("pkt", "jkt")
@@ -167,7 +180,7 @@ def main(args: argparse.Namespace) -> int:
                         dist.rank, dist.world_size)
     validation = batches_for(data.validation, data.tokenizer, options.data, options.data.eval_batch_size, seed=1)
     eval_batches = max(1, math.ceil(min(options.data.eval_examples, len(data.validation))
-                                    / options.data.eval_batch_size))
+                                    / options.data.eval_batch_size)) if len(data.validation) else 0
     engine = Engine(student, options.train, run, dist, tokenizer=data.tokenizer, lr_lambda=schedule,
                     groups=layer_groups(parameter_groups(student, options.train.weight_decay)), partial_graph=True,
                     evaluate=lambda: evaluate_pretraining(student, validation, eval_batches, dist.device))
@@ -176,16 +189,19 @@ def main(args: argparse.Namespace) -> int:
         print(f"distilling {Path(transfer.teacher).name} → {transfer.student} with {transfer.strategy.upper()}: "
               f"{', '.join(f'{s.name} ({s.steps} steps)' for s in _summarise(stages))}")
     current = None
-    for step in engine.steps(resume=args.resume):
+    workers = loader_workers(options.data, dist.device.type)
+    for step, batch in engine.batches(lambda start: batch_stream(train, start, options.train.steps, workers),
+                                      resume=args.resume):
         stage = stage_at(stages, step)
         if stage != current:
             set_trainable(student, stage, transfer.lower_layer_lr_scale)
             current = stage
-        engine.step(micro_batches(train.batch(step), options.train.micro_batch_size),
+        engine.step(micro_batches(batch, options.train.micro_batch_size),
                     lambda b, s=stage: losses.counts(s, b), lambda m, b, s=stage: losses.sums(s, m, b))
     student.requires_grad_(True)
     engine.finish()
     if dist.is_main:
+        write_record(run.final, data)
         print(f"done: {run.final}")
     return 0
 

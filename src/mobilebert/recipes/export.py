@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mobilebert.checkpoint import CONFIG_NAME, TOKENIZER_FILES, atomic_write, read_config, resolve
+from mobilebert.checkpoint import CONFIG_NAME, TOKENIZER_FILES, read_config, resolve
 from mobilebert.deploy.export import (
     DEFAULT_OPSET,
     OnnxModel,
@@ -40,6 +40,7 @@ from mobilebert.deploy.quantize import (
     state_dict_size,
 )
 from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
 from mobilebert.heads import TASK_MODELS
 from mobilebert.model import MobileBertModel
 from mobilebert.report import format_table

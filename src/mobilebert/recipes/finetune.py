@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mobilebert.checkpoint import atomic_write, resolve
+from mobilebert.checkpoint import resolve
 from mobilebert.data.glue import write_submission
 from mobilebert.data.squad import write_predictions
 from mobilebert.data.tasks import Task, get_task
@@ -39,6 +39,7 @@ from mobilebert.downstream import (
     task_loss_sums,
 )
 from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
 from mobilebert.recipe_config import load_config, save_config
 from mobilebert.report import format_table
 from mobilebert.tokenizer import Tokenizer

@@ -7,32 +7,32 @@ The paper trains IB-BERT-large like BERT-large (MOBILEBERT.md §5): sentence pai
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from mobilebert.checkpoint import has_tokenizer
 from mobilebert.config import preset
-from mobilebert.data.corpus import load_corpus
-from mobilebert.data.pretraining import (
-    IGNORE_INDEX,
-    MaskSettings,
-    PairDataset,
-    PairSettings,
-    PretrainingBatches,
-    cached_pairs,
-    create_pairs,
+from mobilebert.data.prepared import open_prepared
+from mobilebert.data.pretraining import IGNORE_INDEX, PretrainingBatches, batch_stream
+from mobilebert.data.training import (
+    DataOptions,
+    batches_for,
+    check_options,
+    check_tokenizer,
+    loader_workers,
+    prepare_data,
+    write_record,
 )
 from mobilebert.errors import UserError
 from mobilebert.heads import MobileBertForPreTraining
 from mobilebert.recipe_config import load_config, save_config
 from mobilebert.tokenizer import Tokenizer
-from mobilebert.train.loop import Distributed, Engine, TrainOptions, micro_batches, open_run
+from mobilebert.train.loop import Engine, TrainOptions, micro_batches, open_run
+from mobilebert.train.optim import check_schedule
 
 
 @dataclass
@@ -43,107 +43,10 @@ class ModelOptions:
 
 
 @dataclass
-class DataOptions:
-    # builtin | text file or folder | parquet/json/arrow file | datasets hub id; or a list of those, concatenated.
-    # A hub id may carry its config after a colon: wikimedia/wikipedia:20231101.en
-    corpus: str | list[str] = "builtin"
-    train_split: str = "train"
-    validation_split: str = "validation"  # hub corpora with one split: e.g. train_split train[:99%], this train[99%:]
-    text_field: str = "text"
-    max_documents: int | None = None  # read at most this many documents (quick trials on big corpora)
-    tokenizer: str | None = None  # folder with tokenizer.json or vocab.txt; None: train one on the corpus
-    vocab_size: int = 8192  # for a trained tokenizer
-    max_seq_length: int = 128
-    short_seq_prob: float = 0.1
-    dupe_factor: int = 1
-    masked_lm_prob: float = 0.15
-    max_predictions_per_seq: int = 20
-    whole_word_masking: bool = False
-    eval_examples: int = 512  # validation pairs scored at each evaluation
-    eval_batch_size: int = 64
-    cache_dir: str | None = None  # where tokenized pairs are cached; default OUT/cache
-
-
-@dataclass
 class PretrainOptions:
     model: ModelOptions = field(default_factory=ModelOptions)
     data: DataOptions = field(default_factory=DataOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
-
-
-@dataclass
-class PretrainingData:
-    tokenizer: Tokenizer
-    train: PairDataset
-    validation: PairDataset
-
-
-def prepare_data(options: DataOptions, out: Path, dist: Distributed) -> PretrainingData:
-    """Tokenizer (trained once, or loaded) and the cached train/validation pairs. The main process goes first."""
-    data = None
-    for turn in ("main", "others"):
-        if (turn == "main") == dist.is_main:
-            data = _prepare_data(options, out)
-        dist.barrier()
-    return data
-
-
-def _prepare_data(options: DataOptions, out: Path) -> PretrainingData:
-    corpus = {split: _read(options, split) for split in ("train", "validation")}
-    tokenizer_dir = Path(options.tokenizer) if options.tokenizer else out / "tokenizer"
-    if options.tokenizer or (tokenizer_dir / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-    else:
-        tokenizer = Tokenizer.train(corpus["train"], vocab_size=options.vocab_size)
-        tokenizer.save_pretrained(tokenizer_dir)
-    cache = Path(options.cache_dir) if options.cache_dir else out / "cache"
-    pairs = {}
-    for split, documents in corpus.items():
-        settings = PairSettings(options.max_seq_length, options.short_seq_prob,
-                                options.dupe_factor if split == "train" else 1, seed=12345 + (split != "train"))
-        key = {"corpus": _fingerprint(documents), "vocab": _fingerprint([tokenizer.convert_ids_to_tokens(
-            list(range(tokenizer.vocab_size)))]), "settings": settings.__dict__, "split": split}
-        pairs[split] = cached_pairs(cache, key, lambda d=documents, s=settings: create_pairs(
-            _tokenize(tokenizer, d), tokenizer.cls_id, tokenizer.sep_id, s))
-    return PretrainingData(tokenizer, pairs["train"], pairs["validation"])
-
-
-def _read(options: DataOptions, split: str) -> list[list[str]]:
-    split_name = options.train_split if split == "train" else options.validation_split
-    documents: list[list[str]] = []
-    for source in [options.corpus] if isinstance(options.corpus, str) else options.corpus:
-        name, config = source, None
-        if ":" in source and not Path(source).exists():
-            name, config = source.rsplit(":", 1)
-        documents.extend(load_corpus(name, split=split_name, config_name=config, text_field=options.text_field))
-    return documents[: options.max_documents] if options.max_documents else documents
-
-
-def _tokenize(tokenizer: Tokenizer, documents: list[list[str]]) -> list[list[list[int]]]:
-    flat = tokenizer.encode_batch([s for doc in documents for s in doc])
-    out, i = [], 0
-    for doc in documents:
-        out.append(flat[i:i + len(doc)])
-        i += len(doc)
-    return out
-
-
-def _fingerprint(documents: list[list[str]]) -> str:
-    h = hashlib.sha256()
-    for doc in documents:
-        for sentence in doc:
-            h.update(sentence.encode())
-            h.update(b"\n")
-        h.update(b"\n")
-    return h.hexdigest()[:16]
-
-
-def batches_for(pairs: PairDataset, tokenizer: Tokenizer, options: DataOptions, batch_size: int, seed: int,
-                rank: int = 0, world_size: int = 1) -> PretrainingBatches:
-    word_start = np.array(tokenizer.word_starts(range(tokenizer.vocab_size))) if options.whole_word_masking else None
-    masking = MaskSettings(options.masked_lm_prob, options.max_predictions_per_seq, options.whole_word_masking)
-    return PretrainingBatches(pairs, batch_size, tokenizer.vocab_size, tokenizer.mask_id, tokenizer.pad_id,
-                              tokenizer.special_ids, masking, seed, word_start, rank, world_size)
 
 
 def pretraining_counts(batch: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -184,18 +87,31 @@ def evaluate_pretraining(model: MobileBertForPreTraining, batches: PretrainingBa
             "nsp_accuracy": nsp_correct / max(nsp_total, 1)}
 
 
-def build_model(options: ModelOptions, vocab_size: int, max_seq_length: int) -> MobileBertForPreTraining:
+def build_model(options: ModelOptions, vocab_size: int) -> MobileBertForPreTraining:
     if options.init_from:
         return MobileBertForPreTraining.from_pretrained(options.init_from)
-    cfg = preset(options.preset, **{"vocab_size": vocab_size, **options.overrides})
-    if max_seq_length > cfg.max_position_embeddings:
-        raise UserError(f"data.max_seq_length {max_seq_length} exceeds the model's max_position_embeddings "
+    return MobileBertForPreTraining(preset(options.preset, **{"vocab_size": vocab_size, **options.overrides}))
+
+
+def check_before_data(options: PretrainOptions) -> None:
+    """Everything that can be refused before any corpus is read (seconds, whatever the corpus size)."""
+    train = options.train
+    check_schedule(train.steps, train.warmup_steps, train.decay, train.decay_power, train.end_factor)
+    check_options(options.data)
+    if options.model.init_from:
+        return
+    cfg = preset(options.model.preset, **{k: v for k, v in options.model.overrides.items() if k != "vocab_size"})
+    length = options.data.max_seq_length
+    if options.data.prepared and options.data.prepared != "teacher":
+        length = open_prepared(options.data.prepared, verify=False).max_seq_length
+    if (length or 128) > cfg.max_position_embeddings:
+        raise UserError(f"data.max_seq_length {length or 128} exceeds the model's max_position_embeddings "
                         f"({cfg.max_position_embeddings})")
-    return MobileBertForPreTraining(cfg)
 
 
 def main(args: argparse.Namespace) -> int:
     options = load_config(PretrainOptions, args.config, args.overrides)
+    check_before_data(options)
     opened = open_run(args.out, args.resume, args.overwrite, options.train.device)
     if opened is None:
         return 0
@@ -203,22 +119,29 @@ def main(args: argparse.Namespace) -> int:
     if dist.is_main:
         save_config(options, run.config)
     data = prepare_data(options.data, run.root, dist)
+    if options.model.init_from and has_tokenizer(options.model.init_from):
+        check_tokenizer(data, Tokenizer.from_pretrained(options.model.init_from), options.model.init_from)
     torch.manual_seed(options.train.seed)
-    model = build_model(options.model, data.tokenizer.vocab_size, options.data.max_seq_length)
+    model = build_model(options.model, data.tokenizer.vocab_size)
+    if data.prepared.max_seq_length > model.config.max_position_embeddings:
+        raise UserError(f"{data.prepared.folder}: pairs of up to {data.prepared.max_seq_length} tokens exceed the "
+                        f"model's max_position_embeddings ({model.config.max_position_embeddings})")
     train = batches_for(data.train, data.tokenizer, options.data, options.train.batch_size, options.train.seed,
                         dist.rank, dist.world_size)
     validation = batches_for(data.validation, data.tokenizer, options.data, options.data.eval_batch_size, seed=1)
     eval_batches = max(1, math.ceil(min(options.data.eval_examples, len(data.validation))
-                                    / options.data.eval_batch_size))
+                                    / options.data.eval_batch_size)) if len(data.validation) else 0
     engine = Engine(model, options.train, run, dist, tokenizer=data.tokenizer,
                     evaluate=lambda: evaluate_pretraining(model, validation, eval_batches, dist.device))
     if dist.is_main:
         print(f"pre-training {options.model.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
               f"parameters) on {len(data.train)} pairs, {dist.world_size} process(es), {dist.device}")
-    for step in engine.steps(resume=args.resume):
-        engine.step(micro_batches(train.batch(step), options.train.micro_batch_size), pretraining_counts,
-                    pretraining_sums)
+    workers = loader_workers(options.data, dist.device.type)
+    for _, batch in engine.batches(lambda start: batch_stream(train, start, options.train.steps, workers),
+                                   resume=args.resume):
+        engine.step(micro_batches(batch, options.train.micro_batch_size), pretraining_counts, pretraining_sums)
     engine.finish()
     if dist.is_main:
+        write_record(run.final, data)
         print(f"done: {run.final}")
     return 0

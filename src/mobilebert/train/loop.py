@@ -160,6 +160,7 @@ class Engine:
                 self.optimizer, [functools.partial(lr_lambda, group=g) for g in self.optimizer.param_groups])
         self.evaluate = evaluate
         self.step_index = 0
+        self._data_wait: float | None = None  # seconds the last step waited for its batch (see `batches`)
         self.last: dict[str, float] = {}
         self.last_evaluation: dict[str, float] = {}  # the newest evaluate() results (main process)
         self._tb = _tensorboard(run) if options.tensorboard and dist.is_main else None
@@ -196,6 +197,8 @@ class Engine:
             done = step + 1
             self.last["step_time"] = time.perf_counter() - began
             self.last["tokens_per_s"] = self.last.get("tokens", 0) / self.last["step_time"]
+            if self._data_wait is not None:
+                self.last["data_wait_s"] = self._data_wait
             if done % self.options.log_every == 0 or done == self.options.steps:
                 self._log(done)
             if self.options.eval_every and done % self.options.eval_every == 0 and done != self.options.steps:
@@ -209,6 +212,18 @@ class Engine:
         if bar is not None:
             bar.close()
         self.run_evaluation(self.options.steps)
+
+    def batches(self, stream: Callable[[int], Iterator[Batch]], resume: bool = False) -> Iterator[tuple[int, Batch]]:
+        """`steps`, each with its batch from `stream(first step)`; the time spent waiting for each batch is logged
+        as `data_wait_s` (near 0 when background loader workers keep up)."""
+        batches = None
+        for step in self.steps(resume=resume):
+            if batches is None:
+                batches = stream(step)
+            began = time.perf_counter()
+            batch = next(batches)
+            self._data_wait = time.perf_counter() - began
+            yield step, batch
 
     def step(self, micro: list[Batch], count_fn: Callable[[Batch], dict[str, int]],
              loss_fn: Callable[[nn.Module, Batch], dict[str, torch.Tensor]]) -> dict[str, float]:

@@ -229,7 +229,7 @@ def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_schedule(total_steps: int, warmup_steps: int, decay: str, power: float, end_factor: float) -> None:
+def check_schedule(total_steps: int, warmup_steps: int, decay: str, power: float, end_factor: float) -> None:
     if total_steps <= 0:
         raise UserError(f"schedule: total_steps must be > 0, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
@@ -262,7 +262,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, decay: str = "
       polynomial_decay); "cosine": end + (1 − end)·½(1 + cos π·progress); "constant": 1 (ignores end_factor).
     Steps at or past total_steps give end_factor. Raises UserError on a bad argument.
     """
-    _check_schedule(total_steps, warmup_steps, decay, power, end_factor)
+    check_schedule(total_steps, warmup_steps, decay, power, end_factor)
     if step < 0:
         raise UserError(f"schedule: step must be >= 0, got {step}")
     if step < warmup_steps:
@@ -283,7 +283,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     al. 2020 §3.4). Call `scheduler.step()` after each `optimizer.step()`. The lambdas are not in the scheduler's
     state_dict (only last_epoch and base lrs are); rebuilding with the same arguments and loading resumes exactly.
     """
-    _check_schedule(total_steps, warmup_steps, decay, power, end_factor)
+    check_schedule(total_steps, warmup_steps, decay, power, end_factor)
 
     def factor(step: int) -> float:
         return lr_factor(step, total_steps, warmup_steps, decay, power, end_factor)

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from mobilebert.checkpoint import atomic_write, load_hf_state_dict, read_weights, save_pretrained
+from mobilebert.checkpoint import load_hf_state_dict, read_weights, save_pretrained
 from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
 
 
 class RunDir:

@@ -1,0 +1,125 @@
+"""A prepared-data folder (written by `data/prepare.py`) read through memory maps.
+
+Every rank maps the same files and touches only the pages of the examples it reads: opening costs a few KB per
+shard, whatever the corpus size. Integrity is checked on open: array shapes always (a truncated file is caught),
+every file's sha256 against the manifest when `verify` is set (about a second per GB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobilebert.data.prepare import ARRAYS, read_manifest
+from mobilebert.errors import UserError
+
+
+@dataclass
+class _Shard:
+    tokens: np.ndarray  # (N_tokens,) uint16 or int32, memory-mapped
+    offsets: np.ndarray  # (N + 1,) int64: pair i is tokens[offsets[i]:offsets[i + 1]]
+    first_lengths: np.ndarray  # (N,) int32: length of [CLS] A [SEP]
+    is_random_next: np.ndarray  # (N,) int8: the NSP label
+
+
+class PreparedPairs:
+    """The NSP pairs of one split over all shards, indexed 0..len-1 in shard order."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], split: str) -> None:
+        self.folder, self.split = Path(folder), split
+        self._shards: list[_Shard] = []
+        counts = []
+        for meta in manifest["shards"]:
+            n = meta["counts"][f"{split}_pairs"]
+            if n:
+                self._shards.append(_open_shard(self.folder / "shards" / f"{meta['index']:05d}", split, n))
+                counts.append(n)
+        self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # first example of each shard
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def pair(self, i: int) -> tuple[np.ndarray, int, int]:
+        """(token ids as int64, length of [CLS] A [SEP], is_random_next) of example i."""
+        s = int(np.searchsorted(self._starts, i, side="right")) - 1
+        shard, j = self._shards[s], i - int(self._starts[s])
+        ids = shard.tokens[shard.offsets[j]:shard.offsets[j + 1]].astype(np.int64)
+        return ids, int(shard.first_lengths[j]), int(shard.is_random_next[j])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Background loader workers started with spawn get the folder, not copies of mapped arrays.
+        return {"folder": self.folder, "split": self.split}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["folder"], read_manifest(state["folder"]), state["split"])
+
+
+def _open_shard(folder: Path, split: str, pairs: int) -> _Shard:
+    arrays = {}
+    for name in ARRAYS:
+        path = folder / f"{split}-{name}.npy"
+        try:
+            arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise UserError(f"{path}: missing; the prepared folder is incomplete") from None
+        except ValueError as e:  # a truncated or garbled .npy
+            raise UserError(f"{path}: cannot be read ({e}); prepare the data again") from None
+    shard = _Shard(**arrays)
+    if len(shard.first_lengths) != pairs or len(shard.offsets) != pairs + 1 or \
+            len(shard.is_random_next) != pairs or int(shard.offsets[-1]) != len(shard.tokens):
+        raise UserError(f"{folder}: {split} arrays do not match the manifest's {pairs} pairs; prepare again")
+    return shard
+
+
+@dataclass
+class PreparedData:
+    """An opened prepared-data folder: the manifest, the tokenizer and both splits."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    train: PreparedPairs
+    validation: PreparedPairs
+
+    @property
+    def max_seq_length(self) -> int:
+        return int(self.manifest["max_seq_length"])
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.manifest["tokenizer"]
+
+    def tokenizer(self):
+        from mobilebert.tokenizer import Tokenizer
+
+        return Tokenizer.from_pretrained(self.folder / "tokenizer")
+
+
+def open_prepared(folder: str | Path, verify: bool = True) -> PreparedData:
+    """Open a prepared folder; with `verify`, every file's sha256 is checked against the manifest first."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if verify:
+        verify_checksums(folder, manifest)
+    if not (folder / "tokenizer" / "tokenizer.json").is_file() and not (folder / "tokenizer" / "vocab.txt").is_file():
+        raise UserError(f"{folder}: no tokenizer/ folder; the prepared folder is incomplete")
+    return PreparedData(folder, manifest, PreparedPairs(folder, manifest, "train"),
+                        PreparedPairs(folder, manifest, "validation"))
+
+
+def verify_checksums(folder: Path, manifest: dict[str, Any]) -> None:
+    for meta in manifest["shards"]:
+        shard = folder / "shards" / f"{meta['index']:05d}"
+        for name, expected in meta["files"].items():
+            path = shard / name
+            if not path.is_file():
+                raise UserError(f"{path}: missing; the prepared folder is incomplete")
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+            if h.hexdigest() != expected:
+                raise UserError(f"{path}: checksum mismatch (the file is corrupted or was changed); prepare again")

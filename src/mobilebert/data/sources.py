@@ -1,0 +1,196 @@
+"""Corpus sources cut into shards of about `shard_bytes` of text, and each shard's documents read back.
+
+A shard is the unit of parallel preparation (`data/prepare.py`): one worker reads it, tokenizes it and cuts its
+NSP pairs, so what a shard holds must be fixed by the corpus and the shard size alone, never by the number of
+workers. Plain text files are cut at blank lines (document boundaries) near every `shard_bytes`, found by seeking,
+so the main process never reads the text: a worker reads its own byte ranges. Datasets (local parquet/JSON/Arrow
+or hub ids, streamed) and the built-in corpus are read by the main process and handed over as texts.
+
+Nothing here imports torch: preparation workers import this module and start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mobilebert.data.corpus import (
+    _BLANK_LINE,
+    _text_files,
+    builtin_corpus,
+    dataset_texts,
+    split_sentences,
+)
+from mobilebert.errors import UserError
+
+TRAIN, VALIDATION, BOTH = "train", "validation", "both"  # BOTH: the hold-out decides per document
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bytes [start, end) of a text file: whole documents (cut at blank lines)."""
+
+    path: str
+    start: int
+    end: int
+
+
+@dataclass
+class Shard:
+    """The text of one shard: byte ranges of text files, or documents given whole.
+
+    `documents` are lists of texts, each split into sentences by the worker; `sentences` marks texts that are
+    sentences already (the built-in corpus), `split` whether a document goes to train, validation, or (BOTH) to
+    validation when its hash says so (`held_out`).
+    """
+
+    index: int
+    split: str
+    ranges: list[Range] = field(default_factory=list)
+    documents: list[list[str]] = field(default_factory=list)
+    sentences: bool = False
+
+    @property
+    def text_bytes(self) -> int:
+        if self.ranges:
+            return sum(r.end - r.start for r in self.ranges)
+        return sum(len(t.encode("utf-8")) + 1 for doc in self.documents for t in doc)
+
+    def key(self) -> str:
+        """A digest of what the shard holds: a finished shard is reused only when its key is unchanged."""
+        h = hashlib.sha256(f"{self.split}/{self.sentences}".encode())
+        for r in self.ranges:
+            stat = os.stat(r.path)
+            h.update(f"{r.path}:{r.start}:{r.end}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        for doc in self.documents:
+            h.update("\x1f".join(doc).encode("utf-8", "surrogatepass"))
+            h.update(b"\x1e")
+        return h.hexdigest()[:16]
+
+
+def held_out(sentences: list[str], every: int) -> bool:
+    """Whether a document belongs to the validation split: 1 in `every` documents, chosen by a hash of its text
+    (stable across runs and shard sizes; repeated documents fall on the same side)."""
+    return every > 0 and zlib.crc32("\n".join(sentences).encode("utf-8", "surrogatepass")) % every == 0
+
+
+# ---- planning ----
+
+
+def text_ranges(paths: str | list[str], shard_bytes: int) -> Iterator[Range]:
+    """Byte ranges of ~`shard_bytes` of the text files under `paths`, each ending after a blank line (or at the
+    file's end), so no document is cut. Costs a seek and a few lines read per range."""
+    for file in _text_files(paths):
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            start = 0
+            while start < size:
+                end = _document_boundary(f, start + shard_bytes, size)
+                yield Range(str(file), start, end)
+                start = end
+
+
+def _document_boundary(f: Any, target: int, size: int) -> int:
+    """The first position at or after `target` that follows a blank line (or the file's end)."""
+    if target >= size:
+        return size
+    f.seek(target - 1)
+    if f.read(1) != b"\n":
+        f.readline()  # `target` is inside a line: that line is not a blank one
+    while line := f.readline():
+        if not line.strip():
+            return f.tell()
+    return size
+
+
+def pack_ranges(ranges: Iterator[Range], shard_bytes: int, first_index: int, split: str) -> Iterator[Shard]:
+    """Ranges gathered into shards of at least `shard_bytes` (many small files share a shard)."""
+    shard = Shard(first_index, split)
+    for r in ranges:
+        shard.ranges.append(r)
+        if shard.text_bytes >= shard_bytes:
+            yield shard
+            shard = Shard(shard.index + 1, split)
+    if shard.ranges:
+        yield shard
+
+
+def pack_documents(documents: Iterator[list[str]], shard_bytes: int, first_index: int, split: str,
+                   sentences: bool = False) -> Iterator[Shard]:
+    """Documents (lists of texts) gathered into shards of at least `shard_bytes` of text."""
+    shard, size = Shard(first_index, split, sentences=sentences), 0
+    for doc in documents:
+        shard.documents.append(doc)
+        size += sum(len(t) + 1 for t in doc)
+        if size >= shard_bytes:
+            yield shard
+            shard, size = Shard(shard.index + 1, split, sentences=sentences), 0
+    if shard.documents:
+        yield shard
+
+
+def is_text_source(source: str) -> bool:
+    """A text file or a folder of them (not a folder written by `datasets`' save_to_disk)."""
+    path = Path(source)
+    saved = (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+    return (path.is_dir() and not saved) or (path.suffix == ".txt" and path.exists())
+
+
+def dataset_records(source: str, split: str, text_field: str) -> Iterator[list[str]]:
+    """Each record of a dataset source (local file or hub id, streamed) as a one-text document."""
+    name, config = source, None
+    if ":" in source and not Path(source).exists():  # a hub id may carry its config: wikimedia/wikipedia:20231101.en
+        name, config = source.rsplit(":", 1)
+    for text in dataset_texts(name, split, text_field, streaming=True, config_name=config):
+        yield [text]
+
+
+def builtin_documents(split: str) -> Iterator[list[str]]:
+    return iter(builtin_corpus(split))
+
+
+# ---- reading a shard ----
+
+
+def shard_documents(shard: Shard) -> Iterator[list[str]]:
+    """The shard's documents as lists of sentences (empty documents skipped)."""
+    if shard.ranges:
+        for r in shard.ranges:
+            for block in _BLANK_LINE.split(read_range(r)):
+                if sentences := split_sentences(block):
+                    yield sentences
+        return
+    for doc in shard.documents:
+        if shard.sentences:
+            yield list(doc)
+            continue
+        for text in doc:  # a record's text may hold several documents, separated by blank lines
+            for block in _BLANK_LINE.split(text):
+                if sentences := split_sentences(block):
+                    yield sentences
+
+
+def read_range(r: Range) -> str:
+    with open(r.path, "rb") as f:
+        f.seek(r.start)
+        data = f.read(r.end - r.start)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = _lines_before(r.path, r.start) + data[:e.start].count(b"\n") + 1
+        raise UserError(f"{r.path}: not UTF-8 text (invalid byte on line {line})") from None
+
+
+def _lines_before(path: str, offset: int) -> int:
+    lines = 0
+    with open(path, "rb") as f:
+        while offset > 0:
+            block = f.read(min(offset, 1 << 24))
+            lines += block.count(b"\n")
+            offset -= len(block)
+    return lines

@@ -1,0 +1,180 @@
+"""Pre-training data for the recipes (`pretrain`, `distill`): options, the prepared folder every rank maps, batches.
+
+Training never reads or tokenizes the raw corpus: it maps a folder written by `mobilebert prepare`. Without
+`data.prepared`, the main process prepares `data.corpus` into the cache on first use (later runs with the same
+corpus, settings and tokenizer find it there) while the other ranks wait; then every rank maps the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobilebert.data.prepare import PrepareSettings, prepare, summary
+from mobilebert.data.prepared import PreparedData, open_prepared
+from mobilebert.data.pretraining import MaskSettings, PretrainingBatches
+from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
+from mobilebert.tokenizer import Tokenizer
+
+RECORD = "prepared_data.json"  # in a trained model's folder: where its training data was prepared
+
+
+@dataclass
+class DataOptions:
+    # A folder from `mobilebert prepare`: train on it as it is (the options below that shape pairs are then its own).
+    # distill's default "teacher" takes the folder the teacher was trained on, when the teacher's folder records it.
+    prepared: str | None = None
+    # builtin | text file or folder | parquet/json/arrow file | datasets hub id; or a list of those, concatenated.
+    # A hub id may carry its config after a colon: wikimedia/wikipedia:20231101.en
+    corpus: str | list[str] = "builtin"
+    train_split: str = "train"
+    # Datasets with splits (hub ids, builtin) read this split for validation; null, or a one-split source (text
+    # files, a parquet/json file), holds out 1 in holdout_every documents, chosen by a hash of their text.
+    validation_split: str | None = "validation"
+    holdout_every: int = 20
+    text_field: str = "text"
+    max_documents: int | None = None  # read at most this many documents per source and split (quick trials)
+    tokenizer: str | None = None  # folder with tokenizer.json or vocab.txt; None: train one on the corpus
+    vocab_size: int = 8192  # for a trained tokenizer
+    max_seq_length: int | None = None  # None: the prepared folder's, or 128 when preparing
+    short_seq_prob: float = 0.1
+    dupe_factor: int = 1
+    shard_mb: float = 16.0  # text per preparation shard
+    workers: int | None = None  # preparation processes; None: every core
+    masked_lm_prob: float = 0.15
+    max_predictions_per_seq: int = 20
+    whole_word_masking: bool = False
+    eval_examples: int = 512  # validation pairs scored at each evaluation
+    eval_batch_size: int = 64
+    loader_workers: int | None = None  # background batch processes; None: 2 on CUDA, 0 (in the loop) on CPU
+    verify: bool = True  # check every prepared file's sha256 on the main process before training
+    cache_dir: str | None = None  # where prepared data is cached; default OUT/cache
+
+    def __post_init__(self) -> None:
+        if isinstance(self.corpus, list) and not self.corpus:
+            raise UserError("data.corpus is an empty list: name at least one source")
+        if self.workers is not None and self.workers < 1:
+            raise UserError(f"data.workers must be at least 1, got {self.workers}")
+
+    def prepare_settings(self) -> PrepareSettings:
+        corpus = (self.corpus,) if isinstance(self.corpus, str) else tuple(self.corpus)
+        return PrepareSettings(corpus, self.train_split, self.validation_split, self.holdout_every, self.text_field,
+                               self.max_documents, self.max_seq_length or 128, self.short_seq_prob,
+                               self.dupe_factor, shard_mb=self.shard_mb)
+
+
+@dataclass
+class PretrainingData:
+    tokenizer: Tokenizer
+    prepared: PreparedData
+
+    @property
+    def train(self):
+        return self.prepared.train
+
+    @property
+    def validation(self):
+        return self.prepared.validation
+
+
+def check_options(options: DataOptions) -> None:
+    """What can be checked before any corpus is read: settings, the prepared folder or tokenizer, sources."""
+    if options.prepared and options.prepared != "teacher":
+        open_prepared(options.prepared, verify=False)
+    else:
+        options.prepare_settings()
+        if options.tokenizer:
+            Tokenizer.from_pretrained(options.tokenizer)
+
+
+def prepare_data(options: DataOptions, out: Path, dist: Any, teacher: str | None = None) -> PretrainingData:
+    """The prepared folder to train on (prepared first when needed, by the main process), mapped on every rank.
+
+    `teacher`: distill's teacher folder, whose record names the data it was trained on (see `DataOptions`).
+    """
+    folder = None
+    if dist.is_main:
+        folder = _resolve(options, out, teacher)
+        data = open_prepared(folder, verify=options.verify)
+        _check_length(options, data)
+    dist.barrier()
+    if not dist.is_main:
+        folder = _resolve(options, out, teacher, prepare_missing=False)
+        data = open_prepared(folder, verify=False)
+    return PretrainingData(data.tokenizer(), data)
+
+
+def _resolve(options: DataOptions, out: Path, teacher: str | None, prepare_missing: bool = True) -> Path:
+    if options.prepared == "teacher":
+        recorded = _teacher_record(teacher)
+        if recorded is not None:
+            if prepare_missing:
+                print(f"using the teacher's prepared data: {recorded}")
+            return recorded
+    elif options.prepared:
+        return Path(options.prepared)
+    settings = options.prepare_settings()
+    tokenizer = options.tokenizer
+    fingerprint = Tokenizer.from_pretrained(tokenizer).fingerprint() if tokenizer else None
+    cache = Path(options.cache_dir) if options.cache_dir else out / "cache"
+    request = {**settings.identity(), "tokenizer": fingerprint}
+    for candidate in sorted(cache.glob("prepared-*/manifest.json")) if fingerprint else []:
+        if json.loads(candidate.read_text()).get("request") == request:  # same data, made by another run
+            return candidate.parent
+    wanted = {**settings.identity(), "tokenizer": fingerprint or {"train": options.vocab_size}}
+    key = hashlib.sha256(json.dumps(wanted, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = cache / f"prepared-{key}"
+    if prepare_missing and not (folder / "manifest.json").is_file():
+        manifest = prepare(settings, folder, tokenizer, options.vocab_size, options.workers, resume=True)
+        print(f"prepared {summary(manifest)}: {folder}")
+    return folder
+
+
+def _teacher_record(teacher: str | None) -> Path | None:
+    record = Path(teacher) / RECORD if teacher else None
+    if record is None or not record.is_file():
+        return None
+    folder = Path(json.loads(record.read_text())["folder"])
+    return folder if (folder / "manifest.json").is_file() else None
+
+
+def _check_length(options: DataOptions, data: PreparedData) -> None:
+    asked = options.max_seq_length
+    if asked is not None and asked != data.max_seq_length:
+        shorter = "shorter than" if data.max_seq_length < asked else "longer than"
+        raise UserError(f"{data.folder}: prepared with max_seq_length {data.max_seq_length}, {shorter} the "
+                        f"data.max_seq_length {asked} asked; prepare the corpus again with that length")
+
+
+def check_tokenizer(data: PretrainingData, tokenizer: Tokenizer, owner: str) -> None:
+    """The prepared ids must mean what the model's vocabulary means."""
+    if tokenizer.fingerprint() != data.prepared.tokenizer_fingerprint:
+        raise UserError(f"{data.prepared.folder}: prepared with another tokenizer than {owner}'s (vocabulary "
+                        f"fingerprints {data.prepared.tokenizer_fingerprint} and {tokenizer.fingerprint()}); "
+                        "prepare the corpus with --tokenizer pointing at it")
+
+
+def write_record(model_folder: Path, data: PretrainingData) -> None:
+    """Note in a trained model's folder which prepared data it was trained on (distill reuses it)."""
+    content = json.dumps({"folder": str(data.prepared.folder.resolve()), "tokenizer": data.tokenizer.fingerprint()})
+    atomic_write(Path(model_folder) / RECORD, lambda p: p.write_text(content + "\n"))
+
+
+def batches_for(pairs: Any, tokenizer: Tokenizer, options: DataOptions, batch_size: int, seed: int,
+                rank: int = 0, world_size: int = 1) -> PretrainingBatches:
+    word_start = np.array(tokenizer.word_starts(range(tokenizer.vocab_size))) if options.whole_word_masking else None
+    masking = MaskSettings(options.masked_lm_prob, options.max_predictions_per_seq, options.whole_word_masking)
+    return PretrainingBatches(pairs, batch_size, tokenizer.vocab_size, tokenizer.mask_id, tokenizer.pad_id,
+                              tokenizer.special_ids, masking, seed, word_start, rank, world_size)
+
+
+def loader_workers(options: DataOptions, device_type: str) -> int:
+    if options.loader_workers is not None:
+        return options.loader_workers
+    return 2 if device_type == "cuda" else 0

@@ -1,0 +1,31 @@
+"""`mobilebert prepare`: a corpus made into sharded, memory-mappable NSP pairs once, for every rank and recipe.
+
+It reads the `data` section of a pretrain/distill config (or defaults plus `--data.KEY value` overrides), so the same
+file that trains also prepares: `mobilebert prepare --config configs/paper/ib-bert-large.yaml --out data/wiki-books`,
+then `mobilebert pretrain --config configs/paper/ib-bert-large.yaml --data.prepared data/wiki-books ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from mobilebert.data.prepare import prepare, summary
+from mobilebert.recipe_config import load_config
+from mobilebert.recipes.pretrain import PretrainOptions
+
+
+def main(args: argparse.Namespace) -> int:
+    shorthand = [(key, getattr(args, key)) for key in ("corpus", "tokenizer", "workers") if getattr(args, key)]
+    options = load_config(PretrainOptions, args.config,
+                          args.overrides + [a for k, v in shorthand for a in (f"--data.{k}", str(v))]).data
+    settings = options.prepare_settings()
+    began = time.perf_counter()
+    manifest = prepare(settings, Path(args.out), options.tokenizer, options.vocab_size, options.workers,
+                       resume=args.resume, overwrite=args.overwrite)
+    seconds = time.perf_counter() - began
+    print(f"prepared {summary(manifest)}")
+    print(f"{manifest['text_bytes'] / 1e6 / max(seconds, 1e-9):.2f} MB/s over {seconds:.1f} s; train with "
+          f"--data.prepared {args.out}")
+    return 0
