@@ -11,11 +11,9 @@ paper's corpus (BooksCorpus + English Wikipedia, ~18 GB of text), then one JSON 
     python benchmarks/data_scale.py --sizes 2 4 --pretrain-max-mb 4   # a quick check
     python benchmarks/data_scale.py --work /data/scale --tokenizer google-vocab/ --workers-list 1 2 4
 
-Peak RSS: a wrapper process runs the CLI in itself; the main process's is its getrusage(RUSAGE_SELF), a worker's
-the VmHWM of /proc/PID/status, polled every 0.1 s by a thread of the wrapper. Not RUSAGE_CHILDREN: a worker is
-forked and then exec'd, and Linux keeps the high-water mark across exec, so every worker's ru_maxrss is at least
-the main process's RSS at the fork. One measurement per size and command, not interleaved: on a shared machine,
-rerun and compare ratios rather than absolute speeds (BENCHMARKING.md).
+Peak RSS: a wrapper process runs the CLI in itself; the main process's is its ru_maxrss, a worker's its VmHWM in
+/proc, polled every 0.1 s (a worker's ru_maxrss would be wrong: it is forked, then exec'd, and Linux keeps the
+high-water mark across exec). One run per size and command: on a shared machine, compare ratios (BENCHMARKING.md).
 """
 
 from __future__ import annotations
@@ -55,27 +53,22 @@ from pathlib import Path
 from mobilebert.cli import main
 workers = {}
 
-def descendants():
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            pass
-    tree = {os.getpid()}
-    while new := {pid for pid, parent in parents.items() if parent in tree} - tree:
-        tree |= new
-    return tree - {os.getpid()}
+def read(path):
+    try:
+        return Path(path).read_text()
+    except OSError:  # the process ended
+        return ""
 
-def watch():  # each descendant's VmHWM: its own peak since exec
+def watch():  # the VmHWM (peak RSS since exec) of every descendant, every 0.1 s
     while True:
-        for pid in descendants():
-            try:
-                status = Path(f"/proc/{pid}/status").read_text().splitlines()
-                kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
-                workers[pid] = max(workers.get(pid, 0), kb)
-            except (OSError, StopIteration):
-                pass
+        parents = {int(p.parent.name): int(text.rsplit(")", 1)[1].split()[1])
+                   for p in Path("/proc").glob("[0-9]*/stat") if (text := read(p))}
+        tree = {os.getpid()}
+        while new := {pid for pid, parent in parents.items() if parent in tree} - tree:
+            tree |= new
+        for pid in tree - {os.getpid()}:
+            status = read(f"/proc/{pid}/status").splitlines()
+            workers[pid] = max([workers.get(pid, 0), *(int(s.split()[1]) for s in status if s.startswith("VmHWM"))])
         time.sleep(0.1)
 
 threading.Thread(target=watch, daemon=True).start()
@@ -177,6 +170,8 @@ def measure(size_mb: float, tok: Path, work: Path, args: argparse.Namespace) -> 
         shutil.rmtree(out, ignore_errors=True)
         result["prepare"].append(prepare_run(corpus, tok, workers, out, args))
     result["identical"] = len({p["digest"] for p in result["prepare"]}) == 1
+    for p in result["prepare"]:
+        p.update(vs_raw=p["mb_s"] / result["raw_all_mb_s"], vs_first=p["mb_s"] / result["prepare"][0]["mb_s"])
     for out in outs:
         shutil.rmtree(out, ignore_errors=True)
     if size_mb <= args.pretrain_max_mb:
@@ -210,32 +205,27 @@ def conditions() -> dict[str, Any]:
             **{lib: version(lib) for lib in ("tokenizers", "torch", "numpy", "mobilebert")}}
 
 
-def report(results: list[dict], proj: dict[str, Any], env: dict[str, Any]) -> None:
+def report(results: list[dict], proj: dict[str, Any], growth: float | None, env: dict[str, Any]) -> None:
     print(f"data scale: {env['cpu']}, {env['cores']} cores; Python {env['python']}, tokenizers {env['tokenizers']}, "
           f"torch {env['torch']}, numpy {env['numpy']}; max_seq_length 128, dupe_factor 1; one run each")
     print("\nraw tokenizer (encode_batch over lines, encode time only)")
-    print(format_table(["MB", "all cores MB/s", "1 core MB/s"],
-                       [[f"{r['size_mb']:.0f}", f"{r['raw_all_mb_s']:.2f}", f"{r['raw_one_mb_s']:.2f}"]
-                        for r in results]))
+    print(format_table(["MB", "all cores MB/s", "1 core MB/s"], [[f"{r['size_mb']:.3g}", f"{r['raw_all_mb_s']:.2f}",
+                                                                f"{r['raw_one_mb_s']:.2f}"] for r in results]))
     print("\nmobilebert prepare (s: the process, start-up included; MB/s: the command's own, prepare() alone)")
-    rows = [[f"{r['size_mb']:.0f}", p["workers"], f"{p['seconds']:.1f}", f"{p['mb_s']:.2f}",
-             f"{p['mb_s'] / r['raw_all_mb_s']:.2f}", f"{p['mb_s'] / r['prepare'][0]['mb_s']:.2f}",
-             f"{p['main_mb']:.0f}", f"{p['child_mb']:.0f}", p["shards"], f"{p['bytes_per_token']:.2f}",
-             "yes" if r["identical"] else "no"] for r in results for p in r["prepare"]]
-    print(format_table(["MB", "workers", "s", "MB/s", "÷ raw all", "÷ 1 worker", "main RSS MB", "worker RSS MB",
-                        "shards", "disk B/token", "identical"], rows))
+    rows = [[f"{r['size_mb']:.3g}", p["workers"], f"{p['seconds']:.1f}", f"{p['mb_s']:.2f}", f"{p['vs_raw']:.2f}",
+             f"{p['vs_first']:.2f}", f"{p['main_mb']:.0f}", f"{p['child_mb']:.0f}", p["shards"],
+             f"{p['bytes_per_token']:.2f}", "yes" if r["identical"] else "no"] for r in results for p in r["prepare"]]
+    print(format_table(["MB", "workers", "s", "MB/s", "÷ raw all", f"÷ {results[0]['prepare'][0]['workers']} worker",
+                        "main RSS MB", "worker RSS MB", "shards", "disk B/token", "identical"], rows))
     pre = [r for r in results if "pretrain" in r]
     if pre:
         print("\nmobilebert pretrain --train.steps 2 (prepares into its cache first; peak RSS over the tree)")
-        print(format_table(["MB", "s", "peak RSS MB", "main MB", "worker MB"],
-                           [[f"{r['size_mb']:.0f}", f"{r['pretrain']['seconds']:.1f}",
-                             f"{r['pretrain']['peak_mb']:.0f}", f"{r['pretrain']['main_mb']:.0f}",
-                             f"{r['pretrain']['child_mb']:.0f}"] for r in pre]))
-    if len(pre) > 1:
-        growth = (pre[-1]["pretrain"]["peak_mb"] - pre[0]["pretrain"]["peak_mb"]) / (pre[-1]["size_mb"]
-                                                                                   - pre[0]["size_mb"])
-        print(f"pretrain RSS growth: {growth:+.2f} MB per MB of text ({pre[0]['size_mb']:.0f} → "
-              f"{pre[-1]['size_mb']:.0f} MB)")
+        print(format_table(["MB", "s", "peak RSS MB", "main MB", "worker MB"], [
+            [f"{r['size_mb']:.3g}", f"{t['seconds']:.1f}", f"{t['peak_mb']:.0f}", f"{t['main_mb']:.0f}",
+             f"{t['child_mb']:.0f}"] for r in pre for t in [r["pretrain"]]]))
+    if growth is not None:
+        print(f"pretrain RSS growth: {growth:+.2f} MB per MB of text ({pre[0]['size_mb']:.3g} → "
+              f"{pre[-1]['size_mb']:.3g} MB)")
     print(f"\nprojection, paper corpus ({proj['text_gb']:g} GB of text, dupe_factor {proj['dupe_factor']}; measured "
           f"at seq 128 and dupe 1, so time is a lower bound and disk per token an upper bound at seq 512): "
           f"{proj['tokens'] / 1e9:.1f} G tokens, {proj['disk_gb']:.0f} GB on disk")
@@ -243,17 +233,25 @@ def report(results: list[dict], proj: dict[str, Any], env: dict[str, Any]) -> No
                        [[n, f"{proj['hours'][n]:.1f}", f"{proj['ram_mb'][n]:.0f}"] for n in proj["hours"]]))
 
 
+def pretrain_growth(results: list[dict]) -> float | None:
+    """MB of peak RSS per MB of text, between the smallest and the largest size pretrain ran on."""
+    pre = [r for r in results if "pretrain" in r]
+    if len(pre) < 2:
+        return None
+    return (pre[-1]["pretrain"]["peak_mb"] - pre[0]["pretrain"]["peak_mb"]) / (pre[-1]["size_mb"] - pre[0]["size_mb"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[20, 80, 320], help="corpus sizes, MB")
     parser.add_argument("--work", help="folder for corpora and outputs (kept; corpora reused); default a temp dir")
     parser.add_argument("--tokenizer", help="tokenizer folder (tokenizer.json); default: train one of 30522")
-    parser.add_argument("--workers-list", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers-list", type=int, nargs="+", default=[1, 2], help="the first: ratios' base")
     parser.add_argument("--shard-mb", type=float, help="pass --data.shard_mb (default: prepare's own)")
     parser.add_argument("--pretrain-max-mb", type=float, default=80, help="run pretrain for sizes up to this")
     parser.add_argument("--paper-gb", type=float, default=18.0, help="text of BooksCorpus + Wikipedia, GB")
     parser.add_argument("--dupe-factor", type=int, default=5, help="the paper config's data.dupe_factor")
-    parser.add_argument("--project-cores", type=int, nargs="+", default=[2, 16, 64])
+    parser.add_argument("--project-cores", type=int, nargs="+", default=[2, 16, 64], help="projected for")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="data_scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -263,9 +261,10 @@ def main() -> None:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    proj, env = projection(results, args), conditions()
-    report(results, proj, env)
-    print(json.dumps({"benchmark": "data_scale", **env, "results": results, "projection": proj}))
+    proj, growth, env = projection(results, args), pretrain_growth(results), conditions()
+    report(results, proj, growth, env)
+    print(json.dumps({"benchmark": "data_scale", **env, "results": results, "pretrain_growth_mb_per_mb": growth,
+                      "projection": proj}))
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def test_encoding_whole_documents_gives_the_ids_of_each_sentence(tokenizer_dir):
         "Red green.   Blue (cyan) \"magenta\". Yellow's black; white.")]
     encoded = encode_documents(backend, documents)
     for document, sentences in zip(documents, encoded, strict=True):
-        assert sentences == [backend.encode(s, add_special_tokens=False).ids for s in document]
+        assert [list(ids) for ids in sentences] == [backend.encode(s, add_special_tokens=False).ids for s in document]
 
 
 def test_training_reads_the_prepared_folder_without_the_corpus(tmp_path, corpus, tokenizer_dir):
@@ -177,6 +177,19 @@ def test_datasets_files_and_max_documents(tmp_path, corpus, tokenizer_dir):
     limited = prepare(PrepareSettings((str(corpus),), max_seq_length=32, max_documents=40), tmp_path / "m",
                       str(tokenizer_dir), workers=1, show_progress=False)
     assert limited["totals"]["train_documents"] + limited["totals"]["validation_documents"] == 40
+
+
+def test_records_of_single_sentences_are_grouped_into_documents(tmp_path, tokenizer_dir):
+    sentences = [f"Alpha beta gamma number {i}." for i in range(103)]
+    jsonl = tmp_path / "books.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
+    settings = PrepareSettings((str(jsonl),), max_seq_length=32, group_size={str(jsonl): 10}, holdout_every=1000)
+    manifest = prepare(settings, tmp_path / "g", str(tokenizer_dir), workers=1, show_progress=False)
+    totals = manifest["totals"]
+    assert totals["train_documents"] + totals["validation_documents"] == 11  # 10 groups of 10, one of 3
+    assert totals["train_sentences"] + totals["validation_sentences"] == 103
+    with pytest.raises(UserError, match="group_size"):
+        PrepareSettings((str(jsonl),), group_size={"elsewhere": 10})
 
 
 def test_a_trained_tokenizer_is_saved_and_the_builtin_corpus_keeps_its_splits(tmp_path):

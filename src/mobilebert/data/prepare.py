@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import shutil
 import time
+from array import array
 from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,8 @@ class PrepareSettings:
     validation_split: str | None = "validation"
     holdout_every: int = 20
     text_field: str = "text"
+    # Dataset sources whose records are single sentences (BookCorpus), with the records per document: {source: n}
+    group_size: dict[str, int] = field(default_factory=dict)
     max_documents: int | None = None  # per source and split: quick trials on big corpora
     max_seq_length: int = 128
     short_seq_prob: float = 0.1
@@ -70,6 +73,10 @@ class PrepareSettings:
         for name in ("dupe_factor", "holdout_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"data.{name} must be at least 1, got {getattr(self, name)}")
+        for source, size in self.group_size.items():
+            if source not in self.corpus or size < 1:
+                raise UserError(f"data.group_size: {source!r}: {size} records per document; name a source of "
+                                "data.corpus and a size of at least 1")
         if self.shard_mb <= 0:
             raise UserError(f"data.shard_mb must be positive, got {self.shard_mb}")
         for source in self.corpus:
@@ -159,6 +166,8 @@ def _claim(out: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"{out}: holds {state} preparation; add --resume to continue it (or use it as it is), "
                         "--overwrite to start again")
     (out / "shards").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "shards").glob(".*.tmp"):  # shards a killed preparation was writing
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _tokenizer(settings: PrepareSettings, out: Path, tokenizer_dir: str | None, vocab_size: int):
@@ -200,28 +209,31 @@ def _source_shards(source: str, settings: PrepareSettings, shard_bytes: int, fir
     limit = settings.max_documents
     if source == "builtin":
         train = sources.pack_documents(_first(sources.builtin_documents(settings.train_split), limit), shard_bytes,
-                                       first, sources.TRAIN, sentences=True)
+                                       first, sources.TRAIN, form="sentences")
         yield from _then(train, lambda i: sources.pack_documents(
             _first(sources.builtin_documents(settings.validation_split or "validation"), limit), shard_bytes, i,
-            sources.VALIDATION, sentences=True), first)
+            sources.VALIDATION, form="sentences"), first)
     elif sources.is_text_source(source):
         if limit:  # quick trials: the first documents, read here
             documents = _first((d for s in sources.pack_ranges(sources.text_ranges(source, shard_bytes), shard_bytes,
                                                                0, sources.BOTH) for d in sources.shard_documents(s)),
                                limit)
-            yield from sources.pack_documents(documents, shard_bytes, first, sources.BOTH, sentences=True)
+            yield from sources.pack_documents(documents, shard_bytes, first, sources.BOTH, form="sentences")
         else:
             yield from sources.pack_ranges(sources.text_ranges(source, shard_bytes), shard_bytes, first, sources.BOTH)
-    elif settings.validation_split is None or _single_split(source):
-        records = _first(sources.dataset_records(source, settings.train_split, settings.text_field), limit)
-        yield from sources.pack_documents(records, shard_bytes, first, sources.BOTH)
     else:
-        train = sources.pack_documents(_first(sources.dataset_records(source, settings.train_split,
-                                                                      settings.text_field), limit),
-                                       shard_bytes, first, sources.TRAIN)
-        yield from _then(train, lambda i: sources.pack_documents(
-            _first(sources.dataset_records(source, settings.validation_split, settings.text_field), limit),
-            shard_bytes, i, sources.VALIDATION), first)
+        group = settings.group_size.get(source)
+        form = "groups" if group else "records"
+
+        def records(split: str) -> Iterator[list[str]]:
+            return _first(sources.dataset_records(source, split, settings.text_field, group), limit)
+
+        if settings.validation_split is None or _single_split(source):
+            yield from sources.pack_documents(records(settings.train_split), shard_bytes, first, sources.BOTH, form)
+        else:
+            train = sources.pack_documents(records(settings.train_split), shard_bytes, first, sources.TRAIN, form)
+            yield from _then(train, lambda i: sources.pack_documents(records(settings.validation_split), shard_bytes,
+                                                                      i, sources.VALIDATION, form), first)
 
 
 def _then(shards: Iterator[sources.Shard], rest, first: int) -> Iterator[sources.Shard]:
@@ -391,9 +403,9 @@ def prepare_shard(shard: sources.Shard, job: dict[str, Any]) -> dict[str, Any]:
         meta["counts"].update({f"{split}_documents": len(docs), f"{split}_sentences": sum(map(len, docs)),
                                f"{split}_pairs": len(arrays["first_lengths"]),
                                f"{split}_tokens": int(arrays["tokens"].size)})
-        for name, array in arrays.items():
+        for name, values in arrays.items():
             path = tmp / f"{split}-{name}.npy"
-            np.save(path, array, allow_pickle=False)
+            np.save(path, values, allow_pickle=False)
             meta["files"][path.name] = _sha256(path)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     shutil.rmtree(final, ignore_errors=True)  # a shard from an older request
@@ -404,29 +416,43 @@ def prepare_shard(shard: sources.Shard, job: dict[str, Any]) -> dict[str, Any]:
 SENTENCE_MARK = "[SEP]"  # joins a document's sentences for encoding; the tokenizer keeps it whole (a special token)
 
 
-def encode_documents(backend: tokenizers.Tokenizer, documents: list[list[str]]) -> list[list[list[int]]]:
-    """Token ids of every sentence of every document, without special tokens: the ids of the sentences encoded
-    one by one, computed faster.
+def encode_documents(backend: tokenizers.Tokenizer, documents: list[list[str]],
+                     chunk_chars: int = 1 << 20) -> list[list[array]]:
+    """Token ids of every sentence of every document (int32 arrays), without special tokens: the ids of the
+    sentences encoded one by one, computed faster.
 
     Each document is encoded as one text, its sentences joined by " [SEP] ", and cut back into sentences at the
     [SEP] ids: BERT's pre-tokenizer splits at whitespace and keeps special tokens whole, so nothing else changes,
     and one long text per document (without character offsets) is ~20% faster than many short ones. A document
-    whose text holds "[SEP]" itself is cut at its sentences' character offsets instead.
+    whose text holds "[SEP]" itself is cut at its sentences' character offsets instead. Documents are encoded
+    ~`chunk_chars` at a time: tokenizers' encodings hold ~100 bytes a token, the arrays kept 4.
     """
     mark = backend.token_to_id(SENTENCE_MARK)
+    out: list[list[array]] = []
+    start = 0
+    while start < len(documents):
+        end, size = start, 0
+        while end < len(documents) and (size < chunk_chars or end == start):
+            size += sum(map(len, documents[end]))
+            end += 1
+        out.extend(_encode_chunk(backend, documents[start:end], mark))
+        start = end
+    return out
+
+
+def _encode_chunk(backend: tokenizers.Tokenizer, documents: list[list[str]], mark: int | None) -> list[list[array]]:
     texts = [f" {SENTENCE_MARK} ".join(doc) for doc in documents]
-    encodings = _encode_fast(backend, texts)
     out = []
-    for doc, text, encoding in zip(documents, texts, encodings, strict=True):
+    for doc, text, encoding in zip(documents, texts, _encode_fast(backend, texts), strict=True):
         if mark is None or text.count(SENTENCE_MARK) != len(doc) - 1:
-            out.append(_cut_at_offsets(backend, doc))
+            out.append([array("i", ids) for ids in _cut_at_offsets(backend, doc)])
             continue
         ids, sentences, begin = encoding.ids, [], 0
         for _ in range(len(doc) - 1):
             end = ids.index(mark, begin)
-            sentences.append(ids[begin:end])
+            sentences.append(array("i", ids[begin:end]))
             begin = end + 1
-        sentences.append(ids[begin:])
+        sentences.append(array("i", ids[begin:]))
         out.append(sentences)
     return out
 
@@ -506,7 +532,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 def summary(manifest: dict[str, Any]) -> str:
     t = manifest["totals"]
-    return (f"{manifest['text_bytes'] / 1e6:.1f} MB of text in {len(manifest['shards'])} shards: "
+    shards = len(manifest["shards"])
+    return (f"{manifest['text_bytes'] / 1e6:.1f} MB of text in {shards} shard{'s' * (shards != 1)}: "
             f"{t.get('train_documents', 0):,} + {t.get('validation_documents', 0):,} documents, "
             f"{t.get('train_sentences', 0):,} + {t.get('validation_sentences', 0):,} sentences, "
             f"{t.get('train_tokens', 0):,} + {t.get('validation_tokens', 0):,} tokens in "

@@ -44,16 +44,18 @@ class Range:
 class Shard:
     """The text of one shard: byte ranges of text files, or documents given whole.
 
-    `documents` are lists of texts, each split into sentences by the worker; `sentences` marks texts that are
-    sentences already (the built-in corpus), `split` whether a document goes to train, validation, or (BOTH) to
-    validation when its hash says so (`held_out`).
+    `documents` are lists of texts, read according to `form`: "records" (each text is a dataset record, split
+    into documents at blank lines and into sentences), "groups" (the texts together are one document: consecutive
+    records of a corpus of single sentences, such as BookCorpus) or "sentences" (the texts are the document's
+    sentences already: the built-in corpus). `split` says whether a document goes to train, validation, or (BOTH)
+    to validation when its hash says so (`held_out`).
     """
 
     index: int
     split: str
     ranges: list[Range] = field(default_factory=list)
     documents: list[list[str]] = field(default_factory=list)
-    sentences: bool = False
+    form: str = "records"
 
     @property
     def text_bytes(self) -> int:
@@ -63,7 +65,7 @@ class Shard:
 
     def key(self) -> str:
         """A digest of what the shard holds: a finished shard is reused only when its key is unchanged."""
-        h = hashlib.sha256(f"{self.split}/{self.sentences}".encode())
+        h = hashlib.sha256(f"{self.split}/{self.form}".encode())
         for r in self.ranges:
             stat = os.stat(r.path)
             h.update(f"{r.path}:{r.start}:{r.end}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
@@ -121,15 +123,15 @@ def pack_ranges(ranges: Iterator[Range], shard_bytes: int, first_index: int, spl
 
 
 def pack_documents(documents: Iterator[list[str]], shard_bytes: int, first_index: int, split: str,
-                   sentences: bool = False) -> Iterator[Shard]:
+                   form: str = "records") -> Iterator[Shard]:
     """Documents (lists of texts) gathered into shards of at least `shard_bytes` of text."""
-    shard, size = Shard(first_index, split, sentences=sentences), 0
+    shard, size = Shard(first_index, split, form=form), 0
     for doc in documents:
         shard.documents.append(doc)
         size += sum(len(t) + 1 for t in doc)
         if size >= shard_bytes:
             yield shard
-            shard, size = Shard(shard.index + 1, split, sentences=sentences), 0
+            shard, size = Shard(shard.index + 1, split, form=form), 0
     if shard.documents:
         yield shard
 
@@ -141,13 +143,24 @@ def is_text_source(source: str) -> bool:
     return (path.is_dir() and not saved) or (path.suffix == ".txt" and path.exists())
 
 
-def dataset_records(source: str, split: str, text_field: str) -> Iterator[list[str]]:
-    """Each record of a dataset source (local file or hub id, streamed) as a one-text document."""
+def dataset_records(source: str, split: str, text_field: str, group_size: int | None = None) -> Iterator[list[str]]:
+    """The records of a dataset source (local file or hub id, streamed): one text each, or `group_size` texts
+    (consecutive records that form one document, form "groups")."""
     name, config = source, None
     if ":" in source and not Path(source).exists():  # a hub id may carry its config: wikimedia/wikipedia:20231101.en
         name, config = source.rsplit(":", 1)
-    for text in dataset_texts(name, split, text_field, streaming=True, config_name=config):
-        yield [text]
+    texts = dataset_texts(name, split, text_field, streaming=True, config_name=config)
+    if not group_size:
+        yield from ([text] for text in texts)
+        return
+    group: list[str] = []
+    for text in texts:
+        group.append(text)
+        if len(group) == group_size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def builtin_documents(split: str) -> Iterator[list[str]]:
@@ -166,8 +179,12 @@ def shard_documents(shard: Shard) -> Iterator[list[str]]:
                     yield sentences
         return
     for doc in shard.documents:
-        if shard.sentences:
+        if shard.form == "sentences":
             yield list(doc)
+            continue
+        if shard.form == "groups":
+            if sentences := [s for text in doc for s in split_sentences(text)]:
+                yield sentences
             continue
         for text in doc:  # a record's text may hold several documents, separated by blank lines
             for block in _BLANK_LINE.split(text):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ class DataOptions:
     validation_split: str | None = "validation"
     holdout_every: int = 20
     text_field: str = "text"
+    # Sources whose records are single sentences, with the records that make one document: {bookcorpus/bookcorpus: 64}
+    group_size: dict[str, int] = field(default_factory=dict)
     max_documents: int | None = None  # read at most this many documents per source and split (quick trials)
     tokenizer: str | None = None  # folder with tokenizer.json or vocab.txt; None: train one on the corpus
     vocab_size: int = 8192  # for a trained tokenizer
@@ -64,9 +66,11 @@ class DataOptions:
 
     def prepare_settings(self) -> PrepareSettings:
         corpus = (self.corpus,) if isinstance(self.corpus, str) else tuple(self.corpus)
-        return PrepareSettings(corpus, self.train_split, self.validation_split, self.holdout_every, self.text_field,
-                               self.max_documents, self.max_seq_length or 128, self.short_seq_prob,
-                               self.dupe_factor, shard_mb=self.shard_mb)
+        return PrepareSettings(corpus, train_split=self.train_split, validation_split=self.validation_split,
+                               holdout_every=self.holdout_every, text_field=self.text_field,
+                               group_size=dict(self.group_size), max_documents=self.max_documents,
+                               max_seq_length=self.max_seq_length or 128, short_seq_prob=self.short_seq_prob,
+                               dupe_factor=self.dupe_factor, shard_mb=self.shard_mb)
 
 
 @dataclass

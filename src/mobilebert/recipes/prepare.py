@@ -21,10 +21,14 @@ def main(args: argparse.Namespace) -> int:
     options = load_config(PretrainOptions, args.config,
                           args.overrides + [a for k, v in shorthand for a in (f"--data.{k}", str(v))]).data
     settings = options.prepare_settings()
+    finished_before = args.resume and (Path(args.out) / "manifest.json").is_file()
     began = time.perf_counter()
     manifest = prepare(settings, Path(args.out), options.tokenizer, options.vocab_size, options.workers,
                        resume=args.resume, overwrite=args.overwrite)
     seconds = time.perf_counter() - began
+    if finished_before:
+        print(f"{args.out} was already complete: {summary(manifest)}")
+        return 0
     print(f"prepared {summary(manifest)}")
     print(f"{manifest['text_bytes'] / 1e6 / max(seconds, 1e-9):.2f} MB/s over {seconds:.1f} s; train with "
           f"--data.prepared {args.out}")

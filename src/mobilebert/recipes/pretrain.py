@@ -99,6 +99,11 @@ def check_before_data(options: PretrainOptions) -> None:
     check_schedule(train.steps, train.warmup_steps, train.decay, train.decay_power, train.end_factor)
     check_options(options.data)
     if options.model.init_from:
+        if options.data.tokenizer and has_tokenizer(options.model.init_from):
+            mine = Tokenizer.from_pretrained(options.model.init_from).fingerprint()
+            if Tokenizer.from_pretrained(options.data.tokenizer).fingerprint() != mine:
+                raise UserError(f"data.tokenizer {options.data.tokenizer} is not the tokenizer of model.init_from "
+                                f"{options.model.init_from}: its ids would mean other tokens")
         return
     cfg = preset(options.model.preset, **{k: v for k, v in options.model.overrides.items() if k != "vocab_size"})
     length = options.data.max_seq_length
