@@ -13,7 +13,7 @@ paper's corpus (BooksCorpus + English Wikipedia, ~18 GB of text), then one JSON 
 
 Peak RSS: a wrapper process runs the CLI in itself; the main process's is its ru_maxrss, a worker's its VmHWM in
 /proc, polled every 0.1 s (a worker's ru_maxrss would be wrong: it is forked, then exec'd, and Linux keeps the
-high-water mark across exec). One run per size and command: on a shared machine, compare ratios (BENCHMARKING.md).
+high-water mark across exec). One run per size and command: on a shared machine compare ratios, not absolute times.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -175,3 +176,15 @@ def test_task_model_from_pretraining_checkpoint_initialises_its_head(saved, capl
     model = mb.MobileBertForSequenceClassification.from_pretrained(path, num_labels=3)
     assert model.classifier.out_features == 3
     assert "newly initialised" in caplog.text and "classifier.weight" in caplog.text
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_honour_the_umask(tmp_path, umask, mode):
+    from mobilebert.files import atomic_write
+
+    before = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "results.json", lambda p: p.write_text("{}"))
+    finally:
+        os.umask(before)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == mode

@@ -119,7 +119,8 @@ def _resolve(options: DataOptions, out: Path, teacher: str | None, prepare_missi
         recorded = _teacher_record(teacher)
         if recorded is not None:
             if prepare_missing:
-                print(f"using the teacher's prepared data: {recorded}")
+                print(f"using the teacher's prepared data: {recorded} (data.prepared: teacher; --data.prepared null "
+                      "prepares data.corpus instead)")
             return recorded
     elif options.prepared:
         return Path(options.prepared)
