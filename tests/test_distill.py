@@ -17,6 +17,7 @@ from test_pretrain import write_corpus
 
 import mobilebert as mb
 from mobilebert.data.corpus import load_corpus
+from mobilebert.data.prepare import PrepareSettings, prepare
 from mobilebert.tokenizer import Tokenizer
 from mobilebert.train.rundir import read_metrics
 
@@ -34,6 +35,10 @@ def teacher(tmp_path_factory):
                     vocab_size=tokenizer.vocab_size)
     torch.manual_seed(0)
     mb.MobileBertForPreTraining(cfg).save_pretrained(root / "teacher", tokenizer)
+    # The teacher's training data, recorded in its folder as `pretrain` records it: distill reuses it.
+    prepare(PrepareSettings((str(corpus),), max_seq_length=32), root / "prepared", str(root / "teacher"), workers=1,
+            show_progress=False)
+    (root / "teacher" / "prepared_data.json").write_text(json.dumps({"folder": str(root / "prepared")}))
     return root
 
 
@@ -57,6 +62,8 @@ def distill(root: Path, out: str, strategy: str, *extra: str) -> subprocess.Comp
 def test_pkt_transfers_layer_by_layer_and_resumes_mid_phase(teacher):
     result = distill(teacher, "pkt", "pkt")
     assert result.returncode == 0, result.stderr
+    assert f"using the teacher's prepared data: {teacher / 'prepared'}" in result.stdout
+    assert not (teacher / "pkt" / "cache").exists()  # nothing prepared
     rows = [m for m in read_metrics(teacher / "pkt" / "metrics.jsonl") if "split" not in m]
     assert [m["step"] for m in rows] == list(range(1, 37))
     for layer in range(LAYERS):

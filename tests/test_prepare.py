@@ -17,8 +17,9 @@ import pytest
 from test_pretrain import pretrain, write_config, write_corpus
 
 from mobilebert.data.corpus import split_sentences
-from mobilebert.data.prepare import PrepareSettings, encode_documents, prepare
+from mobilebert.data.prepare import PrepareSettings, prepare
 from mobilebert.data.prepared import open_prepared
+from mobilebert.data.shard_work import encode_documents
 from mobilebert.errors import UserError
 from mobilebert.tokenizer import Tokenizer
 

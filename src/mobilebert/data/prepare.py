@@ -23,24 +23,16 @@ import multiprocessing
 import os
 import shutil
 import time
-from array import array
-from bisect import bisect_left
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import tokenizers
-
-from mobilebert.data import sources
-from mobilebert.data.pairs import PairSettings, create_pairs
+from mobilebert.data import shard_work, sources
+from mobilebert.data.pairs import PairSettings
 from mobilebert.errors import UserError
 from mobilebert.files import atomic_write
 
 FORMAT_VERSION = 1
-ARRAYS = ("tokens", "offsets", "first_lengths", "is_random_next")
-SPLITS = (sources.TRAIN, sources.VALIDATION)
 
 
 @dataclass(frozen=True)
@@ -61,7 +53,9 @@ class PrepareSettings:
     short_seq_prob: float = 0.1
     dupe_factor: int = 1
     seed: int = 12345
-    shard_mb: float = 16.0  # text per shard: the unit of work and of a worker's memory (~10 MB per MB of text)
+    # Text per shard at most: the unit of work (a worker holds ~10 MB per MB of it) and the pool of random next
+    # sentences. Text files of known size are cut into at least 32 shards (of 1 MB or more) to keep workers busy.
+    shard_mb: float = 16.0
 
     def __post_init__(self) -> None:
         if not self.corpus:
@@ -181,81 +175,9 @@ def _tokenizer(settings: PrepareSettings, out: Path, tokenizer_dir: str | None, 
     if (saved / "tokenizer.json").is_file():
         return Tokenizer.from_pretrained(saved)
     print(f"training a WordPiece vocabulary of {vocab_size} on {', '.join(settings.corpus)} (two passes)")
-    tokenizer = Tokenizer.train_from_stream(lambda: _train_sentences(settings), vocab_size=vocab_size)
+    tokenizer = Tokenizer.train_from_stream(lambda: sources.train_sentences(settings), vocab_size=vocab_size)
     tokenizer.save_pretrained(saved)
     return tokenizer
-
-
-def _train_sentences(settings: PrepareSettings) -> Iterator[str]:
-    for shard in plan(settings):
-        if shard.split == sources.VALIDATION:
-            continue
-        for document in sources.shard_documents(shard):
-            if shard.split == sources.TRAIN or not sources.held_out(document, settings.holdout_every):
-                yield from document
-
-
-def plan(settings: PrepareSettings) -> Iterator[sources.Shard]:
-    """Every shard of every source, numbered in order: the same list for the same corpus and settings."""
-    shard_bytes = max(1, int(settings.shard_mb * 1e6))
-    index = 0
-    for source in settings.corpus:
-        for shard in _source_shards(source, settings, shard_bytes, index):
-            index = shard.index + 1
-            yield shard
-
-
-def _source_shards(source: str, settings: PrepareSettings, shard_bytes: int, first: int) -> Iterator[sources.Shard]:
-    limit = settings.max_documents
-    if source == "builtin":
-        train = sources.pack_documents(_first(sources.builtin_documents(settings.train_split), limit), shard_bytes,
-                                       first, sources.TRAIN, form="sentences")
-        yield from _then(train, lambda i: sources.pack_documents(
-            _first(sources.builtin_documents(settings.validation_split or "validation"), limit), shard_bytes, i,
-            sources.VALIDATION, form="sentences"), first)
-    elif sources.is_text_source(source):
-        if limit:  # quick trials: the first documents, read here
-            documents = _first((d for s in sources.pack_ranges(sources.text_ranges(source, shard_bytes), shard_bytes,
-                                                               0, sources.BOTH) for d in sources.shard_documents(s)),
-                               limit)
-            yield from sources.pack_documents(documents, shard_bytes, first, sources.BOTH, form="sentences")
-        else:
-            yield from sources.pack_ranges(sources.text_ranges(source, shard_bytes), shard_bytes, first, sources.BOTH)
-    else:
-        group = settings.group_size.get(source)
-        form = "groups" if group else "records"
-
-        def records(split: str) -> Iterator[list[str]]:
-            return _first(sources.dataset_records(source, split, settings.text_field, group), limit)
-
-        if settings.validation_split is None or _single_split(source):
-            yield from sources.pack_documents(records(settings.train_split), shard_bytes, first, sources.BOTH, form)
-        else:
-            train = sources.pack_documents(records(settings.train_split), shard_bytes, first, sources.TRAIN, form)
-            yield from _then(train, lambda i: sources.pack_documents(records(settings.validation_split), shard_bytes,
-                                                                      i, sources.VALIDATION, form), first)
-
-
-def _then(shards: Iterator[sources.Shard], rest, first: int) -> Iterator[sources.Shard]:
-    """`shards`, then the shards `rest(next index)` makes."""
-    index = first
-    for shard in shards:
-        index = shard.index + 1
-        yield shard
-    yield from rest(index)
-
-
-def _first(documents: Iterator[list[str]], limit: int | None) -> Iterator[list[str]]:
-    for i, document in enumerate(documents):
-        if limit is not None and i >= limit:
-            return
-        yield document
-
-
-def _single_split(source: str) -> bool:
-    path = Path(source)
-    return (path.is_file() and path.suffix in (".parquet", ".json", ".jsonl", ".csv", ".arrow")) or \
-        (path / "state.json").is_file()
 
 
 # ---- shards, in worker processes ----
@@ -264,7 +186,7 @@ def _single_split(source: str) -> bool:
 def _run_shards(settings: PrepareSettings, out: Path, tokenizer, workers: int, show_progress: bool) -> list[dict]:
     """Prepare every shard not already finished; returns every shard's meta, in shard order."""
     done: dict[int, dict] = {}
-    total = _total_text_bytes(settings)
+    total = sources.total_text_mb(settings)
     bar = _bar(total, show_progress)
     progress = Progress()
     job = {"tokenizer": tokenizer.backend.to_str(), "settings": settings, "out": str(out)}
@@ -279,12 +201,12 @@ def _run_shards(settings: PrepareSettings, out: Path, tokenizer, workers: int, s
 
     with _pool(workers, job["tokenizer"]) as pool:
         pending: set[futures.Future] = set()
-        for shard in plan(settings):
+        for shard in sources.plan(settings):
             meta = _finished_meta(out, shard)
             if meta is not None:
                 finished(meta)
                 continue
-            pending.add(pool.submit(prepare_shard, shard, job))
+            pending.add(pool.submit(shard_work.prepare_shard, shard, job))
             while len(pending) >= 2 * workers:  # bounded: the plan never runs far ahead of the workers
                 ready, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
                 for f in ready:
@@ -294,15 +216,6 @@ def _run_shards(settings: PrepareSettings, out: Path, tokenizer, workers: int, s
     if bar is not None:
         bar.close()
     return [done[i] for i in sorted(done)]
-
-
-def _total_text_bytes(settings: PrepareSettings) -> float | None:
-    """MB of text to prepare, when known without reading (text files only), for the time left."""
-    if settings.max_documents or not all(sources.is_text_source(s) for s in settings.corpus):
-        return None
-    from mobilebert.data.corpus import _text_files
-
-    return sum(f.stat().st_size for s in settings.corpus for f in _text_files(s)) / 1e6
 
 
 def _bar(total_mb: float | None, show: bool):
@@ -320,7 +233,7 @@ class _Inline:
     """The pool's interface in this process (one worker): no start-up cost, the same bytes."""
 
     def __init__(self, tokenizer_json: str) -> None:
-        _init_worker(tokenizer_json, set_env=False)
+        shard_work.init_worker(tokenizer_json, set_env=False)
 
     def submit(self, fn, *args) -> futures.Future:
         f: futures.Future = futures.Future()
@@ -354,17 +267,7 @@ def _pool(workers: int, tokenizer_json: str):
         return _Inline(tokenizer_json)
     # spawn: a clean interpreter per worker (no forked torch threads or tokenizers state); it imports no torch.
     return futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_worker, initargs=(tokenizer_json,))
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(tokenizer_json: str, set_env: bool = True) -> None:
-    if set_env:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each worker is one core; the pool is the parallelism
-    _WORKER["tokenizer"] = tokenizers.Tokenizer.from_str(tokenizer_json)
-    _WORKER["json"] = tokenizer_json
+                                       initializer=shard_work.init_worker, initargs=(tokenizer_json,))
 
 
 def _finished_meta(out: Path, shard: sources.Shard) -> dict | None:
@@ -373,122 +276,6 @@ def _finished_meta(out: Path, shard: sources.Shard) -> dict | None:
         return None
     meta = json.loads(meta_file.read_text())
     return meta if meta.get("key") == shard.key() else None
-
-
-def prepare_shard(shard: sources.Shard, job: dict[str, Any]) -> dict[str, Any]:
-    """Read, tokenize and pair one shard; write its arrays into a temporary folder and rename it into place."""
-    if _WORKER.get("json") != job["tokenizer"]:
-        _init_worker(job["tokenizer"], set_env=False)
-    settings: PrepareSettings = job["settings"]
-    backend: tokenizers.Tokenizer = _WORKER["tokenizer"]
-    documents: dict[str, list[list[str]]] = {split: [] for split in SPLITS}
-    for document in sources.shard_documents(shard):
-        split = shard.split
-        if split == sources.BOTH:
-            split = sources.VALIDATION if sources.held_out(document, settings.holdout_every) else sources.TRAIN
-        documents[split].append(document)
-    final = Path(job["out"]) / "shards" / f"{shard.index:05d}"
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    token_dtype = np.uint16 if backend.get_vocab_size(with_added_tokens=True) <= 1 << 16 else np.int32
-    meta: dict[str, Any] = {"index": shard.index, "key": shard.key(), "text_bytes": shard.text_bytes,
-                            "counts": {}, "files": {}}
-    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
-    for split, docs in documents.items():
-        tokenized = encode_documents(backend, docs)
-        pairs = create_pairs(tokenized, cls_id, sep_id, settings.pair_settings(split, shard.index)) \
-            if sum(1 for d in tokenized if any(d)) >= 2 else None
-        arrays = _arrays(pairs, token_dtype)
-        meta["counts"].update({f"{split}_documents": len(docs), f"{split}_sentences": sum(map(len, docs)),
-                               f"{split}_pairs": len(arrays["first_lengths"]),
-                               f"{split}_tokens": int(arrays["tokens"].size)})
-        for name, values in arrays.items():
-            path = tmp / f"{split}-{name}.npy"
-            np.save(path, values, allow_pickle=False)
-            meta["files"][path.name] = _sha256(path)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    shutil.rmtree(final, ignore_errors=True)  # a shard from an older request
-    tmp.replace(final)
-    return meta
-
-
-SENTENCE_MARK = "[SEP]"  # joins a document's sentences for encoding; the tokenizer keeps it whole (a special token)
-
-
-def encode_documents(backend: tokenizers.Tokenizer, documents: list[list[str]],
-                     chunk_chars: int = 1 << 20) -> list[list[array]]:
-    """Token ids of every sentence of every document (int32 arrays), without special tokens: the ids of the
-    sentences encoded one by one, computed faster.
-
-    Each document is encoded as one text, its sentences joined by " [SEP] ", and cut back into sentences at the
-    [SEP] ids: BERT's pre-tokenizer splits at whitespace and keeps special tokens whole, so nothing else changes,
-    and one long text per document (without character offsets) is ~20% faster than many short ones. A document
-    whose text holds "[SEP]" itself is cut at its sentences' character offsets instead. Documents are encoded
-    ~`chunk_chars` at a time: tokenizers' encodings hold ~100 bytes a token, the arrays kept 4.
-    """
-    mark = backend.token_to_id(SENTENCE_MARK)
-    out: list[list[array]] = []
-    start = 0
-    while start < len(documents):
-        end, size = start, 0
-        while end < len(documents) and (size < chunk_chars or end == start):
-            size += sum(map(len, documents[end]))
-            end += 1
-        out.extend(_encode_chunk(backend, documents[start:end], mark))
-        start = end
-    return out
-
-
-def _encode_chunk(backend: tokenizers.Tokenizer, documents: list[list[str]], mark: int | None) -> list[list[array]]:
-    texts = [f" {SENTENCE_MARK} ".join(doc) for doc in documents]
-    out = []
-    for doc, text, encoding in zip(documents, texts, _encode_fast(backend, texts), strict=True):
-        if mark is None or text.count(SENTENCE_MARK) != len(doc) - 1:
-            out.append([array("i", ids) for ids in _cut_at_offsets(backend, doc)])
-            continue
-        ids, sentences, begin = encoding.ids, [], 0
-        for _ in range(len(doc) - 1):
-            end = ids.index(mark, begin)
-            sentences.append(array("i", ids[begin:end]))
-            begin = end + 1
-        sentences.append(array("i", ids[begin:]))
-        out.append(sentences)
-    return out
-
-
-def _encode_fast(backend: tokenizers.Tokenizer, texts: list[str]) -> list[tokenizers.Encoding]:
-    fast = getattr(backend, "encode_batch_fast", None)  # tokenizers >= 0.20: no character offsets computed
-    return (fast or backend.encode_batch)(texts, add_special_tokens=False)
-
-
-def _cut_at_offsets(backend: tokenizers.Tokenizer, doc: list[str]) -> list[list[int]]:
-    encoding = backend.encode(" ".join(doc), add_special_tokens=False)
-    ids, starts = encoding.ids, [start for start, _ in encoding.offsets]
-    sentences, begin, position = [], 0, 0
-    for sentence in doc[:-1]:
-        position += len(sentence) + 1  # where the next sentence starts, in characters
-        end = bisect_left(starts, position, lo=begin)
-        sentences.append(ids[begin:end])
-        begin = end
-    sentences.append(ids[begin:])
-    return sentences
-
-
-def _arrays(pairs, token_dtype) -> dict[str, np.ndarray]:
-    if pairs is None:
-        return {"tokens": np.zeros(0, token_dtype), "offsets": np.zeros(1, np.int64),
-                "first_lengths": np.zeros(0, np.int32), "is_random_next": np.zeros(0, np.int8)}
-    return {"tokens": pairs.tokens.astype(token_dtype), "offsets": pairs.offsets,
-            "first_lengths": pairs.first_lengths, "is_random_next": pairs.is_random_next}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- the manifest ----

@@ -7,14 +7,14 @@ every file's sha256 against the manifest when `verify` is set (about a second pe
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mobilebert.data.prepare import ARRAYS, read_manifest
+from mobilebert.data.prepare import read_manifest
+from mobilebert.data.shard_work import ARRAYS, sha256_file
 from mobilebert.errors import UserError
 
 
@@ -117,9 +117,5 @@ def verify_checksums(folder: Path, manifest: dict[str, Any]) -> None:
             path = shard / name
             if not path.is_file():
                 raise UserError(f"{path}: missing; the prepared folder is incomplete")
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(1 << 22):
-                    h.update(block)
-            if h.hexdigest() != expected:
+            if sha256_file(path) != expected:
                 raise UserError(f"{path}: checksum mismatch (the file is corrupted or was changed); prepare again")

@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mobilebert.data.corpus import (
     _BLANK_LINE,
@@ -27,6 +27,9 @@ from mobilebert.data.corpus import (
     split_sentences,
 )
 from mobilebert.errors import UserError
+
+if TYPE_CHECKING:
+    from mobilebert.data.prepare import PrepareSettings
 
 TRAIN, VALIDATION, BOTH = "train", "validation", "both"  # BOTH: the hold-out decides per document
 
@@ -211,3 +214,90 @@ def _lines_before(path: str, offset: int) -> int:
             lines += block.count(b"\n")
             offset -= len(block)
     return lines
+
+
+# ---- the plan: every shard of every source ----
+
+
+def train_sentences(settings: PrepareSettings) -> Iterator[str]:
+    for shard in plan(settings):
+        if shard.split == VALIDATION:
+            continue
+        for document in shard_documents(shard):
+            if shard.split == TRAIN or not held_out(document, settings.holdout_every):
+                yield from document
+
+
+def plan(settings: PrepareSettings) -> Iterator[Shard]:
+    """Every shard of every source, numbered in order: the same list for the same corpus and settings."""
+    shard_bytes = max(1, int(settings.shard_mb * 1e6))
+    known = total_text_mb(settings)
+    if known:  # at least 32 shards (of 1 MB or more): work for every worker, whatever the corpus's size
+        shard_bytes = min(shard_bytes, max(1_000_000, int(known * 1e6 / 32)))
+    index = 0
+    for source in settings.corpus:
+        for shard in _source_shards(source, settings, shard_bytes, index):
+            index = shard.index + 1
+            yield shard
+
+
+def _source_shards(source: str, settings: PrepareSettings, shard_bytes: int, first: int) -> Iterator[Shard]:
+    limit = settings.max_documents
+    if source == "builtin":
+        train = pack_documents(_first(builtin_documents(settings.train_split), limit), shard_bytes,
+                                       first, TRAIN, form="sentences")
+        yield from _then(train, lambda i: pack_documents(
+            _first(builtin_documents(settings.validation_split or "validation"), limit), shard_bytes, i,
+            VALIDATION, form="sentences"), first)
+    elif is_text_source(source):
+        if limit:  # quick trials: the first documents, read here
+            documents = _first((d for s in pack_ranges(text_ranges(source, shard_bytes), shard_bytes,
+                                                               0, BOTH) for d in shard_documents(s)),
+                               limit)
+            yield from pack_documents(documents, shard_bytes, first, BOTH, form="sentences")
+        else:
+            yield from pack_ranges(text_ranges(source, shard_bytes), shard_bytes, first, BOTH)
+    else:
+        group = settings.group_size.get(source)
+        form = "groups" if group else "records"
+
+        def records(split: str) -> Iterator[list[str]]:
+            return _first(dataset_records(source, split, settings.text_field, group), limit)
+
+        if settings.validation_split is None or _single_split(source):
+            yield from pack_documents(records(settings.train_split), shard_bytes, first, BOTH, form)
+        else:
+            train = pack_documents(records(settings.train_split), shard_bytes, first, TRAIN, form)
+            yield from _then(train, lambda i: pack_documents(records(settings.validation_split), shard_bytes,
+                                                                      i, VALIDATION, form), first)
+
+
+def _then(shards: Iterator[Shard], rest, first: int) -> Iterator[Shard]:
+    """`shards`, then the shards `rest(next index)` makes."""
+    index = first
+    for shard in shards:
+        index = shard.index + 1
+        yield shard
+    yield from rest(index)
+
+
+def _first(documents: Iterator[list[str]], limit: int | None) -> Iterator[list[str]]:
+    for i, document in enumerate(documents):
+        if limit is not None and i >= limit:
+            return
+        yield document
+
+
+def _single_split(source: str) -> bool:
+    path = Path(source)
+    return (path.is_file() and path.suffix in (".parquet", ".json", ".jsonl", ".csv", ".arrow")) or \
+        (path / "state.json").is_file()
+
+
+def total_text_mb(settings: PrepareSettings) -> float | None:
+    """MB of text to prepare, when known without reading (text files only), for the time left."""
+    if settings.max_documents or not all(is_text_source(s) for s in settings.corpus):
+        return None
+    from mobilebert.data.corpus import _text_files
+
+    return sum(f.stat().st_size for s in settings.corpus for f in _text_files(s)) / 1e6
