@@ -218,6 +218,7 @@ def test_bad_corpora_are_one_line(tmp_path, tokenizer_dir):
     (bad / "b.txt").write_bytes(b"Good line.\n\nSecond line ok.\ncaf\xe9 au lait\n")
     one_line_error(run_cli("prepare", "--corpus", str(bad), "--tokenizer", str(tokenizer_dir), "--out",
                            str(tmp_path / "o1")), "b.txt", "UTF-8", "line 4")
+    assert not (tmp_path / "o1").exists()  # refused before any shard was done: nothing left to --resume
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.txt").write_text("\n\n\n")

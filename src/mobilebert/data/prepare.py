@@ -134,7 +134,18 @@ def prepare(settings: PrepareSettings, out: Path, tokenizer_dir: str | None = No
     from its finished shards.
     """
     out = Path(out)
+    fresh = not out.exists() or not any(out.iterdir())
     _claim(out, resume, overwrite)
+    try:
+        return _prepare(settings, out, tokenizer_dir, vocab_size, workers, show_progress)
+    except UserError:
+        if fresh and not any((out / "shards").glob("0*")):  # refused before any work was done: leave nothing
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare(settings: PrepareSettings, out: Path, tokenizer_dir: str | None, vocab_size: int, workers: int | None,
+             show_progress: bool) -> dict[str, Any]:
     tokenizer = _tokenizer(settings, out, tokenizer_dir, vocab_size)
     request = {**settings.identity(), "tokenizer": tokenizer.fingerprint()}
     request_file = out / "request.json"
@@ -199,22 +210,29 @@ def _run_shards(settings: PrepareSettings, out: Path, tokenizer, workers: int, s
             bar.set_postfix({"shards": progress.shards, "pairs": progress.counts.get("train_pairs", 0)},
                             refresh=False)
 
-    with _pool(workers, job["tokenizer"]) as pool:
-        pending: set[futures.Future] = set()
-        for shard in sources.plan(settings):
-            meta = _finished_meta(out, shard)
-            if meta is not None:
-                finished(meta)
-                continue
-            pending.add(pool.submit(shard_work.prepare_shard, shard, job))
-            while len(pending) >= 2 * workers:  # bounded: the plan never runs far ahead of the workers
-                ready, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-                for f in ready:
+    pending: set[futures.Future] = set()
+    try:
+        with _pool(workers, job["tokenizer"]) as pool:
+            try:
+                for shard in sources.plan(settings):
+                    meta = _finished_meta(out, shard)
+                    if meta is not None:
+                        finished(meta)
+                        continue
+                    pending.add(pool.submit(shard_work.prepare_shard, shard, job))
+                    while len(pending) >= 2 * workers:  # bounded: the plan never runs far ahead of the workers
+                        ready, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                        for f in ready:
+                            finished(f.result())
+                for f in futures.as_completed(pending):
                     finished(f.result())
-        for f in futures.as_completed(pending):
-            finished(f.result())
-    if bar is not None:
-        bar.close()
+            except BaseException:
+                for f in pending:  # an error (a bad file) or an interrupt: start nothing more, then wait
+                    f.cancel()
+                raise
+    finally:
+        if bar is not None:
+            bar.close()
     return [done[i] for i in sorted(done)]
 
 
