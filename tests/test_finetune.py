@@ -67,7 +67,7 @@ def test_every_glue_task_finetunes_from_original_tsvs(checkpoint, data_dirs, tmp
                      str(data_dirs / "glue"), *FAST, "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "run"
-    summary = json.loads((out / "results.json").read_text())
+    summary = strict_json((out / "results.json").read_text())  # STS-B's constant baseline: null, not NaN
     spec = TASKS[task]
     assert summary["main_metric"] == spec.metrics[0] and len(summary["trials"]) == 1
     assert set(spec.metrics) <= set(summary["best"]["metrics"])
@@ -88,6 +88,14 @@ def test_every_glue_task_finetunes_from_original_tsvs(checkpoint, data_dirs, tmp
         for line in lines[1:]:
             value = line.split("\t")[1]
             assert value in allowed if allowed else 0.0 <= float(value) <= 5.0
+
+
+def strict_json(text: str) -> dict:
+    """Parse as strict JSON parsers do: the bare words NaN and Infinity are errors."""
+    def refuse(word: str) -> None:
+        raise ValueError(f"not JSON: {word}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -270,3 +278,14 @@ def test_a_new_regression_head_starts_at_the_label_mean(checkpoint):
     assert model.classifier.bias.item() == pytest.approx(2.5)
     start_at_label_mean(model, TaskData(task, "train", texts=_texts([5.0])))  # a trained head is left alone
     assert model.classifier.bias.item() == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "rte", "--split", "test"], "rte test: a test split has no labels to score; score a dev split"),
+    (["--task", "ax"], "ax test: a test split has no labels to score; it has no labelled split"),
+    (["--task", "mnli", "--split", "test_matched"], "score a dev split (validation_matched, validation_mismatched)"),
+])
+def test_evaluate_refuses_unlabelled_splits(checkpoint, data_dirs, tmp_path, args, message):
+    result = run_cli("evaluate", str(checkpoint), "--data-dir", str(data_dirs / "glue"), *args, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

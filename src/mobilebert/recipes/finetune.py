@@ -39,7 +39,7 @@ from mobilebert.downstream import (
     task_loss_sums,
 )
 from mobilebert.errors import UserError
-from mobilebert.files import atomic_write
+from mobilebert.files import atomic_write, json_text
 from mobilebert.recipe_config import load_config, save_config
 from mobilebert.report import format_table
 from mobilebert.tokenizer import Tokenizer
@@ -168,7 +168,7 @@ def run_trial(trial: Trial, options: FinetuneOptions, task: Task, tokenizer: Tok
     engine.finish()
     results = engine.last_evaluation
     if dist.is_main:
-        atomic_write(run.root / "results.json", lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
+        atomic_write(run.root / "results.json", lambda p: p.write_text(json_text(results) + "\n"))
     return results
 
 
@@ -233,7 +233,7 @@ def main(args: argparse.Namespace) -> int:
         run = RunDir(out / "trials" / trial.name, dist.is_main)
         done = run.root / "results.json"
         if done.is_file():
-            metrics = json.loads(done.read_text())
+            metrics = {k: math.nan if v is None else v for k, v in json.loads(done.read_text()).items()}
         else:
             run.prepare(resume=True, overwrite=False)
             metrics = run_trial(trial, options, task, tokenizer, train, dev, run, dist, resume=True)
@@ -311,6 +311,6 @@ def _predict_test(task: Task, options: FinetuneOptions, model_dir: Path, tokeniz
 
 
 def _write_results(out: Path, summary: dict) -> None:
-    text = json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2) + "\n"
+    text = json_text({k: v for k, v in summary.items() if k != "table"}) + "\n"
     atomic_write(out / "results.md", lambda p: p.write_text(f"# {summary['task']}\n\n{summary['table']}\n"))
     atomic_write(out / "results.json", lambda p: p.write_text(text))
