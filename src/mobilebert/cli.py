@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from mobilebert.errors import UserError
 
@@ -139,6 +140,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 TRAINING_COMMANDS = ("prepare", "pretrain", "distill", "finetune")
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """A warning as one line naming its kind: Python's default adds the source line of the library that warned."""
+    return f"warning: {message} ({category.__name__})\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -147,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = rest
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    warnings.formatwarning = _one_line_warning
     try:
         if args.command == "presets":
             from mobilebert.recipes.presets import main as run
