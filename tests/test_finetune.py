@@ -162,6 +162,9 @@ def test_evaluate_scores_a_finetuned_checkpoint(checkpoint, data_dirs, tmp_path)
     result = run_cli("evaluate", str(out / "final"), "--task", "stsb", "--data-dir", str(data_dirs / "glue"),
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    recorded = json.loads((out / "final" / "finetuning.json").read_text())  # evaluate's defaults
+    assert recorded == {"task": "stsb", "labels": [], "max_seq_length": 32, "doc_stride": 128,
+                        "max_query_length": 64}
     line = json.loads(result.stdout.splitlines()[-1])
     best = json.loads((out / "results.json").read_text())["best"]["metrics"]
     assert {k: line[k] for k in ("pearson", "spearman")} == pytest.approx(
@@ -289,3 +292,15 @@ def test_evaluate_refuses_unlabelled_splits(checkpoint, data_dirs, tmp_path, arg
     result = run_cli("evaluate", str(checkpoint), "--data-dir", str(data_dirs / "glue"), *args, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_position_table_shorter_than_the_task_is_refused_before_anything_is_written(data_dirs, tmp_path):
+    tokenizer = Tokenizer.from_pretrained(data_dirs.parent / "finetune0" / "pretrained") \
+        if (data_dirs.parent / "finetune0" / "pretrained").is_dir() else Tokenizer.train([["a b c d"]], vocab_size=50)
+    short = MobileBertForPreTraining(preset("mobilebert-test", vocab_size=tokenizer.vocab_size,
+                                            max_position_embeddings=64)).save_pretrained(tmp_path / "short", tokenizer)
+    result = run_cli("finetune", "--checkpoint", str(short), "--task", "squad1", "--task.data_dir",
+                     str(data_dirs / "squad"), "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "position table has 64 positions, fewer than squad1's max_seq_length 384" in result.stderr
+    assert not (tmp_path / "run").exists()  # the retry needs no --overwrite

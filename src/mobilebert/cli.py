@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", required=True, help="task name, as for finetune")
     evaluate.add_argument("--data-dir", help="GLUE TSV / SQuAD JSON folder (default: the hub; built-in: generated)")
     evaluate.add_argument("--split", help="split to score (default: the task's first dev split)")
-    evaluate.add_argument("--max-seq-length", type=int, help="default: the task family's")
-    evaluate.add_argument("--doc-stride", type=int, help="QA window stride (default: the task family's)")
+    evaluate.add_argument("--max-seq-length", type=int,
+                          help="default: what the checkpoint was fine-tuned with on this task, else the task family's")
+    evaluate.add_argument("--doc-stride", type=int,
+                          help="QA window stride (default: the fine-tuning's, else the task family's)")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--max-examples", type=int, help="score only the first N examples")
 

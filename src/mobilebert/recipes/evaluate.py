@@ -8,7 +8,7 @@ import time
 
 from mobilebert.checkpoint import resolve
 from mobilebert.data.tasks import get_task
-from mobilebert.downstream import TaskSettings, load_model, load_split, predict, score
+from mobilebert.downstream import TaskSettings, load_model, load_split, predict, recorded_settings, score
 from mobilebert.errors import UserError
 from mobilebert.files import json_text
 from mobilebert.metrics import squad_eval_file
@@ -33,7 +33,12 @@ def evaluate_checkpoint(checkpoint: str, task_name: str, split: str | None = Non
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = TaskSettings(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride)
+    recorded = recorded_settings(args.checkpoint)  # how the checkpoint was fine-tuned on this task: the defaults
+    if recorded.get("task") != get_task(args.task).name:
+        recorded = {}
+    settings = TaskSettings(max_seq_length=args.max_seq_length or recorded.get("max_seq_length"),
+                            doc_stride=args.doc_stride or recorded.get("doc_stride"),
+                            max_query_length=recorded.get("max_query_length", 64))
     began = time.perf_counter()
     metrics = evaluate_checkpoint(args.checkpoint, args.task, args.split, args.data_dir, settings, args.batch_size,
                                   args.max_examples)
