@@ -4,8 +4,10 @@ the built-in tasks, the search, resume, submissions and bad input."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -304,3 +306,30 @@ def test_a_position_table_shorter_than_the_task_is_refused_before_anything_is_wr
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "position table has 64 positions, fewer than squad1's max_seq_length 384" in result.stderr
     assert not (tmp_path / "run").exists()  # the retry needs no --overwrite
+
+
+def test_sigkill_mid_trial_then_resume_gives_the_same_model(checkpoint, data_dirs, tmp_path):
+    args = ["finetune", "--checkpoint", str(checkpoint), "--task", "rte", "--task.data_dir", str(data_dirs / "glue"),
+            *FAST[:4], "--search.epochs", "[12]", "--search.batch_size", "[1]", "--train.tensorboard", "false",
+            "--train.checkpoint_every", "2"]
+    assert run_cli(*args, "--out", str(tmp_path / "ref"), cwd=tmp_path).returncode == 0
+    cut = tmp_path / "cut"
+    victim = subprocess.Popen([sys.executable, "-m", "mobilebert", *args, "--out", str(cut)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={"MOBILEBERT_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
+    deadline = time.time() + 300
+    while not list(cut.glob("trials/*/checkpoints/step-6")):
+        assert victim.poll() is None and time.time() < deadline, "ended before a checkpoint was seen"
+        time.sleep(0.002)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (cut / "results.json").exists(), "killed too late to test anything"
+    resumed = run_cli(*args, "--out", str(cut), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    with safe_open(tmp_path / "ref" / "final" / "model.safetensors", "pt") as a, \
+            safe_open(cut / "final" / "model.safetensors", "pt") as b:
+        assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    results = [strict_json((run / "results.json").read_text()) for run in (tmp_path / "ref", cut)]
+    assert results[0]["best"]["metrics"] == results[1]["best"]["metrics"]
+    logged = [read_jsonl(next(run.glob("trials/*/metrics.jsonl"))) for run in (tmp_path / "ref", cut)]
+    assert [m.get("loss") for m in logged[0]] == [m.get("loss") for m in logged[1]]
