@@ -188,3 +188,10 @@ def test_atomic_writes_honour_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(before)
     assert (tmp_path / "results.json").stat().st_mode & 0o777 == mode
+
+
+def test_json_text_is_strict_json():
+    from mobilebert.files import json_text
+
+    text = json_text({"pearson": float("nan"), "scores": [float("inf"), 1.5], "name": "stsb"}, indent=None)
+    assert text == '{"pearson": null, "scores": [null, 1.5], "name": "stsb"}'

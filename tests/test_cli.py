@@ -26,3 +26,11 @@ def test_presets_prints_the_spec_sizes():
 def test_user_errors_are_one_line_without_traceback():
     result = run("presets", "--seq-len", "abc")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_warnings_are_one_line_without_library_source():
+    code = ("import warnings; from mobilebert.cli import main; main(['presets']); "
+            "warnings.warn('data.tsv: skipped 2 malformed row(s)', stacklevel=1)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "warning: data.tsv: skipped 2 malformed row(s) (UserWarning)\n"

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def teacher(tmp_path_factory):
     return root
 
 
-def distill(root: Path, out: str, strategy: str, *extra: str) -> subprocess.CompletedProcess:
+def distill_command(root: Path, out: str, strategy: str, *extra: str) -> list[str]:
     config = {
         "distill": {"student": "mobilebert-test", "strategy": strategy, "layerwise_steps": 30, "pd_steps": 6,
                     "pd_warmup_steps": 2,
@@ -54,9 +55,13 @@ def distill(root: Path, out: str, strategy: str, *extra: str) -> subprocess.Comp
                   "keep_checkpoints": 20, "tensorboard": False},
     }
     (root / f"{out}.yaml").write_text(json.dumps(config))
-    cmd = [sys.executable, "-m", "mobilebert", "distill", "--config", str(root / f"{out}.yaml"),
-           "--teacher", str(root / "teacher"), "--out", str(root / out), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return [sys.executable, "-m", "mobilebert", "distill", "--config", str(root / f"{out}.yaml"),
+            "--teacher", str(root / "teacher"), "--out", str(root / out), *extra]
+
+
+def distill(root: Path, out: str, strategy: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(distill_command(root, out, strategy, *extra), capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_pkt_transfers_layer_by_layer_and_resumes_mid_phase(teacher):
@@ -80,19 +85,40 @@ def test_pkt_transfers_layer_by_layer_and_resumes_mid_phase(teacher):
                  "mobilebert.embeddings.embedding_transformation.weight", "cls.seq_relationship.weight"):
         assert torch.equal(end_of_stage1[name], original[name]), name
 
-    # An interruption in the middle of phase 1: only checkpoints up to step 15 survive; --resume finishes it.
+
+
+def kill_after_checkpoint(cmd: list[str], run: Path, step: int) -> None:
+    """Start `cmd`, SIGKILL it as soon as checkpoint `step` is complete (its folder renamed into place)."""
+    victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / f"step-{step}").is_dir():
+        assert victim.poll() is None and time.time() < deadline, f"ended before checkpoint {step} was seen"
+        time.sleep(0.002)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (run / "final").exists(), "killed too late to test anything"
+
+
+def test_sigkill_in_each_stage_then_resume_is_exact(teacher):
+    """Killed mid-phase in layer-wise transfer, resumed, killed again in pre-training distillation, resumed: the
+    same weights and the same logged losses as a run never stopped."""
+    longer_pd = ("--distill.pd_steps", "16")
+    reference = distill(teacher, "pkt-ref", "pkt", *longer_pd)
+    assert reference.returncode == 0, reference.stderr
+    cmd = distill_command(teacher, "pkt-cut", "pkt", *longer_pd)
     cut = teacher / "pkt-cut"
-    shutil.copytree(teacher / "pkt", cut)
-    shutil.rmtree(cut / "final")
-    for ckpt in (cut / "checkpoints").glob("step-*"):
-        if int(ckpt.name.split("-")[1]) > 15:
-            shutil.rmtree(ckpt)
-    resumed = distill(teacher, "pkt-cut", "pkt", "--resume")
+    kill_after_checkpoint(cmd, cut, 15)  # phase 2 of 3, stage 1
+    kill_after_checkpoint([*cmd, "--resume"], cut, 35)  # stage 2 (pre-training distillation: steps 31-46)
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr
-    a = load_file(teacher / "pkt" / "final" / "model.safetensors")
+    a = load_file(teacher / "pkt-ref" / "final" / "model.safetensors")
     b = load_file(cut / "final" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [m["loss"] for m in read_metrics(cut / "metrics.jsonl") if "split" not in m] == [m["loss"] for m in rows]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[m["loss"] for m in read_metrics(run / "metrics.jsonl") if "split" not in m]
+              for run in (teacher / "pkt-ref", cut)]
+    assert len(losses[0]) == 46 and losses[1] == losses[0]
 
 
 @pytest.mark.parametrize("strategy", ["jkt", "akt"])

@@ -4,14 +4,17 @@ the built-in tasks, the search, resume, submissions and bad input."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from test_glue import FILES, write_files
 
 from mobilebert.config import preset
@@ -67,7 +70,7 @@ def test_every_glue_task_finetunes_from_original_tsvs(checkpoint, data_dirs, tmp
                      str(data_dirs / "glue"), *FAST, "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "run"
-    summary = json.loads((out / "results.json").read_text())
+    summary = strict_json((out / "results.json").read_text())  # STS-B's constant baseline: null, not NaN
     spec = TASKS[task]
     assert summary["main_metric"] == spec.metrics[0] and len(summary["trials"]) == 1
     assert set(spec.metrics) <= set(summary["best"]["metrics"])
@@ -88,6 +91,14 @@ def test_every_glue_task_finetunes_from_original_tsvs(checkpoint, data_dirs, tmp
         for line in lines[1:]:
             value = line.split("\t")[1]
             assert value in allowed if allowed else 0.0 <= float(value) <= 5.0
+
+
+def strict_json(text: str) -> dict:
+    """Parse as strict JSON parsers do: the bare words NaN and Infinity are errors."""
+    def refuse(word: str) -> None:
+        raise ValueError(f"not JSON: {word}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -154,6 +165,9 @@ def test_evaluate_scores_a_finetuned_checkpoint(checkpoint, data_dirs, tmp_path)
     result = run_cli("evaluate", str(out / "final"), "--task", "stsb", "--data-dir", str(data_dirs / "glue"),
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    recorded = json.loads((out / "final" / "finetuning.json").read_text())  # evaluate's defaults
+    assert recorded == {"task": "stsb", "labels": [], "max_seq_length": 32, "doc_stride": 128,
+                        "max_query_length": 64}
     line = json.loads(result.stdout.splitlines()[-1])
     best = json.loads((out / "results.json").read_text())["best"]["metrics"]
     assert {k: line[k] for k in ("pearson", "spearman")} == pytest.approx(
@@ -270,3 +284,52 @@ def test_a_new_regression_head_starts_at_the_label_mean(checkpoint):
     assert model.classifier.bias.item() == pytest.approx(2.5)
     start_at_label_mean(model, TaskData(task, "train", texts=_texts([5.0])))  # a trained head is left alone
     assert model.classifier.bias.item() == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "rte", "--split", "test"], "rte test: a test split has no labels to score; score a dev split"),
+    (["--task", "ax"], "ax test: a test split has no labels to score; it has no labelled split"),
+    (["--task", "mnli", "--split", "test_matched"], "score a dev split (validation_matched, validation_mismatched)"),
+])
+def test_evaluate_refuses_unlabelled_splits(checkpoint, data_dirs, tmp_path, args, message):
+    result = run_cli("evaluate", str(checkpoint), "--data-dir", str(data_dirs / "glue"), *args, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_position_table_shorter_than_the_task_is_refused_before_anything_is_written(data_dirs, tmp_path):
+    tokenizer = Tokenizer.from_pretrained(data_dirs.parent / "finetune0" / "pretrained") \
+        if (data_dirs.parent / "finetune0" / "pretrained").is_dir() else Tokenizer.train([["a b c d"]], vocab_size=50)
+    short = MobileBertForPreTraining(preset("mobilebert-test", vocab_size=tokenizer.vocab_size,
+                                            max_position_embeddings=64)).save_pretrained(tmp_path / "short", tokenizer)
+    result = run_cli("finetune", "--checkpoint", str(short), "--task", "squad1", "--task.data_dir",
+                     str(data_dirs / "squad"), "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "position table has 64 positions, fewer than squad1's max_seq_length 384" in result.stderr
+    assert not (tmp_path / "run").exists()  # the retry needs no --overwrite
+
+
+def test_sigkill_mid_trial_then_resume_gives_the_same_model(checkpoint, data_dirs, tmp_path):
+    args = ["finetune", "--checkpoint", str(checkpoint), "--task", "rte", "--task.data_dir", str(data_dirs / "glue"),
+            *FAST[:4], "--search.epochs", "[12]", "--search.batch_size", "[1]", "--train.tensorboard", "false",
+            "--train.checkpoint_every", "2"]
+    assert run_cli(*args, "--out", str(tmp_path / "ref"), cwd=tmp_path).returncode == 0
+    cut = tmp_path / "cut"
+    victim = subprocess.Popen([sys.executable, "-m", "mobilebert", *args, "--out", str(cut)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={"MOBILEBERT_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
+    deadline = time.time() + 300
+    while not list(cut.glob("trials/*/checkpoints/step-6")):
+        assert victim.poll() is None and time.time() < deadline, "ended before a checkpoint was seen"
+        time.sleep(0.002)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (cut / "results.json").exists(), "killed too late to test anything"
+    resumed = run_cli(*args, "--out", str(cut), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (load_file(run / "final" / "model.safetensors") for run in (tmp_path / "ref", cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    results = [strict_json((run / "results.json").read_text()) for run in (tmp_path / "ref", cut)]
+    assert results[0]["best"]["metrics"] == results[1]["best"]["metrics"]
+    logged = [read_jsonl(next(run.glob("trials/*/metrics.jsonl"))) for run in (tmp_path / "ref", cut)]
+    assert [m.get("loss") for m in logged[0]] == [m.get("loss") for m in logged[1]]

@@ -215,6 +215,11 @@ def test_a_missing_file_or_folder_is_named(tmp_path):
     ("stsb", "STS-B/train.tsv", [f"{STSB_HEAD}\tscore", "0\tg\tf\ty\to\ts\ts\ta\tb\thigh"],
      r"STS-B/train.tsv, line 2: score 'high' is not a number"),
     ("sst2", "SST-2/train.tsv", [], r"SST-2/train.tsv: empty file"),
+    ("sst2", "SST-2/train.tsv", ["sentence\tlabel"], r"SST-2/train.tsv: only a header, no rows"),
+    ("cola", "CoLA/train.tsv", ["gj04\t1\tOur friends won't buy this."] * 3,  # 3 columns of 4
+     r"CoLA/train.tsv: all 3 rows have fewer than the 4 fields of cola's train file .*is it the CoLA file"),
+    ("cola", "train.tsv", ["sentence\tlabel", "a fine film\t1", "dull\t0"],  # pointed at the SST-2 folder
+     r"train.tsv: all 3 rows have fewer than the 4 fields"),
 ])
 def test_bad_files_raise_one_line_naming_the_file_and_column_or_label(tmp_path, task, file, lines, message):
     write_files(tmp_path, {file: lines})

@@ -384,6 +384,7 @@ def test_read_squad_skips_defective_training_answers_with_one_warning(tmp_path):
      "question 1 of a paragraph of article 'T' has no id"),
     ('{"data": [{"title": "T", "paragraphs": [{"qas": []}]}]}', "has no 'context'"),
     ('{"data": [{"title": "T"}]}', "article 'T' has no 'paragraphs'"),
+    ('{"version": "1.1", "data": []}', "no questions"),
 ])
 def test_read_squad_errors(tmp_path, content, message):
     path = tmp_path / "squad.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from mobilebert.errors import UserError
 
@@ -81,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", required=True, help="task name, as for finetune")
     evaluate.add_argument("--data-dir", help="GLUE TSV / SQuAD JSON folder (default: the hub; built-in: generated)")
     evaluate.add_argument("--split", help="split to score (default: the task's first dev split)")
-    evaluate.add_argument("--max-seq-length", type=int, help="default: the task family's")
-    evaluate.add_argument("--doc-stride", type=int, help="QA window stride (default: the task family's)")
+    evaluate.add_argument("--max-seq-length", type=int,
+                          help="default: what the checkpoint was fine-tuned with on this task, else the task family's")
+    evaluate.add_argument("--doc-stride", type=int,
+                          help="QA window stride (default: the fine-tuning's, else the task family's)")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--max-examples", type=int, help="score only the first N examples")
 
@@ -139,6 +142,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 TRAINING_COMMANDS = ("prepare", "pretrain", "distill", "finetune")
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """A warning as one line naming its kind: Python's default adds the source line of the library that warned."""
+    return f"warning: {message} ({category.__name__})\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -147,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = rest
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    warnings.formatwarning = _one_line_warning
     try:
         if args.command == "presets":
             from mobilebert.recipes.presets import main as run

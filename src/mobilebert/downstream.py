@@ -5,19 +5,23 @@ Used by `mobilebert finetune` (training and model selection) and `mobilebert eva
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mobilebert.checkpoint import read_config, resolve
 from mobilebert.data.builtin_tasks import BuiltinSizes, write_builtin_tasks
 from mobilebert.data.glue import TextExample
 from mobilebert.data.squad import SquadExample, SquadFeatures, make_features, postprocess
 from mobilebert.data.tasks import Task, load_squad_examples, load_text_examples, squad_dataset
 from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
 from mobilebert.heads import MobileBertForQuestionAnswering, MobileBertForSequenceClassification
 from mobilebert.metrics import compute_metrics, evaluate_v1, evaluate_v2
 from mobilebert.tokenizer import Tokenizer
@@ -52,6 +56,33 @@ def task_data_dir(task: Task, data_dir: str | None) -> str | None:
     if data_dir is not None or not task.builtin:
         return data_dir
     return str(write_builtin_tasks(cache_dir() / "builtin-tasks", BuiltinSizes()) / task.name)
+
+
+FINETUNING_FILE = "finetuning.json"  # in a fine-tuned model's folder: the task and how its text was cut
+
+
+def check_length(task: Task, settings: TaskSettings, checkpoint: str) -> None:
+    """The task's sequence length must fit the checkpoint's position table (refused before anything is written)."""
+    positions = read_config(resolve(checkpoint)).max_position_embeddings
+    if settings.seq_length(task) > positions:
+        raise UserError(f"{checkpoint}: its position table has {positions} positions, fewer than {task.name}'s "
+                        f"max_seq_length {settings.seq_length(task)}; pass --task.max_seq_length {positions} or less")
+
+
+def write_finetuning_record(model_dir: Path, task: Task, settings: TaskSettings) -> None:
+    """Record the task and the text settings a model was fine-tuned with: `evaluate` takes them as its defaults."""
+    record = {"task": task.name, "labels": list(task.labels or ()), "max_seq_length": settings.seq_length(task),
+              "doc_stride": settings.stride(task), "max_query_length": settings.max_query_length}
+    atomic_write(model_dir / FINETUNING_FILE, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def recorded_settings(checkpoint: str) -> dict[str, Any]:
+    """What `write_finetuning_record` wrote in a checkpoint's folder, or {}."""
+    path = resolve(checkpoint) / FINETUNING_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_model(task: Task, checkpoint: str) -> torch.nn.Module:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -32,3 +34,22 @@ def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
     os.umask(mask)
     return mask
+
+
+def json_text(content: Any, indent: int | None = 2) -> str:
+    """Strict JSON (RFC 8259) of `content`: NaN and infinities, which JSON has no word for, become null.
+
+    `json.dumps` writes them as the bare words NaN / Infinity, which strict parsers (browsers, jq, Go, Rust) reject;
+    a metric that is undefined (the correlation of a constant prediction) is written as null instead.
+    """
+    return json.dumps(_finite(content), indent=indent, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -185,6 +185,11 @@ def _read_tsv(spec: TaskSpec, split: str, path: Path) -> list[TextExample]:
             value = row[-1] if label_index == len(header) - 1 else row[label_index]
             label = _parse_label(spec, value, path, line)
         examples.append(TextExample(f"{split}-{row_id}", tuple(row[i] for i in text_indices), label))
+    if not examples:
+        what = f"all {len(malformed)} rows have fewer than the {len(header)} fields" if malformed else \
+            "only a header, no rows; expected the fields"
+        raise UserError(f"{path}: {what} of {spec.name}'s {split} file ({', '.join(header)}); is it the "
+                        f"{spec.tsv_dir} file?")
     if malformed:
         warnings.warn(f"{path}: skipped {len(malformed)} malformed row(s) with fewer than {len(header)} fields "
                       f"(line {', '.join(map(str, malformed[:5]))}{', ...' if len(malformed) > 5 else ''})",

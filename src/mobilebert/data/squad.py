@@ -70,6 +70,10 @@ def read_squad(path: str | Path, training: bool) -> list[SquadExample]:
                     skipped += 1
                     continue
                 examples.append(example)
+    if not examples:
+        why = f"all {skipped} training questions have answers not at their answer_start" if skipped else \
+            "no questions (its data list holds no articles with paragraphs and qas)"
+        raise UserError(f"{path}: {why}")
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} training question(s) whose answer is not at its answer_start "
                       "in the context", stacklevel=2)

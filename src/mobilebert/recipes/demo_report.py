@@ -198,7 +198,8 @@ def _tasks(out: Path, records: dict[str, Any], plots: Path) -> str:
             summary = json.loads((out / f"finetune-{model}" / task / "results.json").read_text())
             metric = metric_of.setdefault(task, summary["main_metric"])
             scores.setdefault(model, {})[task] = summary["best"]["metrics"][metric]
-            baseline[task] = summary["baseline"].get(metric, 0.0) if summary["baseline"] else 0.0
+            value = summary["baseline"].get(metric, 0.0) if summary["baseline"] else 0.0
+            baseline[task] = float("nan") if value is None else value  # null in results.json: undefined
     deploy = json.loads((out / "deploy" / "stage.json").read_text())["tasks"]
     scores["int8"] = {task: deploy[task]["metrics"][metric_of[task]] for task in BUILTIN_TASKS}
     if all("bf16_metrics" in deploy[task] for task in BUILTIN_TASKS):  # runs before bf16 was scored lack it

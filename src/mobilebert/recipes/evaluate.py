@@ -8,7 +8,9 @@ import time
 
 from mobilebert.checkpoint import resolve
 from mobilebert.data.tasks import get_task
-from mobilebert.downstream import TaskSettings, load_model, load_split, predict, score
+from mobilebert.downstream import TaskSettings, load_model, load_split, predict, recorded_settings, score
+from mobilebert.errors import UserError
+from mobilebert.files import json_text
 from mobilebert.metrics import squad_eval_file
 from mobilebert.report import format_table
 from mobilebert.tokenizer import Tokenizer
@@ -19,20 +21,30 @@ def evaluate_checkpoint(checkpoint: str, task_name: str, split: str | None = Non
                         limit: int | None = None) -> dict[str, float]:
     """The task's official metrics of a fine-tuned checkpoint on a labelled split (default: the first dev split)."""
     task, settings = get_task(task_name), settings or TaskSettings()
+    split = split or (task.dev_splits[0] if task.dev_splits else None)
+    if split is None or split in task.test_splits:
+        dev = f"score a dev split ({', '.join(task.dev_splits)})" if task.dev_splits else "it has no labelled split"
+        raise UserError(f"{task.name} {split or 'test'}: a test split has no labels to score; {dev}; "
+                        "`mobilebert finetune` writes test predictions in the leaderboard's format")
     tokenizer = Tokenizer.from_pretrained(resolve(checkpoint))
-    data = load_split(task, split or task.dev_splits[0], data_dir, tokenizer, settings, training=False, limit=limit)
+    data = load_split(task, split, data_dir, tokenizer, settings, training=False, limit=limit)
     model = load_model(task, checkpoint)
     return score(data, predict(model, data, tokenizer, settings, batch_size), settings)
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = TaskSettings(max_seq_length=args.max_seq_length, doc_stride=args.doc_stride)
+    recorded = recorded_settings(args.checkpoint)  # how the checkpoint was fine-tuned on this task: the defaults
+    if recorded.get("task") != get_task(args.task).name:
+        recorded = {}
+    settings = TaskSettings(max_seq_length=args.max_seq_length or recorded.get("max_seq_length"),
+                            doc_stride=args.doc_stride or recorded.get("doc_stride"),
+                            max_query_length=recorded.get("max_query_length", 64))
     began = time.perf_counter()
     metrics = evaluate_checkpoint(args.checkpoint, args.task, args.split, args.data_dir, settings, args.batch_size,
                                   args.max_examples)
     print(format_table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in metrics.items()]))
     print(f"{args.task} {args.split or 'dev'} scored in {time.perf_counter() - began:.1f}s")
-    print(json.dumps({"task": args.task, "checkpoint": args.checkpoint, **metrics}))
+    print(json_text({"task": args.task, "checkpoint": args.checkpoint, **metrics}, indent=None))
     return 0
 
 

@@ -28,6 +28,7 @@ from mobilebert.data.tasks import Task, get_task
 from mobilebert.downstream import (
     TaskData,
     TaskSettings,
+    check_length,
     constant_baseline,
     load_model,
     load_split,
@@ -37,9 +38,10 @@ from mobilebert.downstream import (
     score,
     task_counts,
     task_loss_sums,
+    write_finetuning_record,
 )
 from mobilebert.errors import UserError
-from mobilebert.files import atomic_write
+from mobilebert.files import atomic_write, json_text
 from mobilebert.recipe_config import load_config, save_config
 from mobilebert.report import format_table
 from mobilebert.tokenizer import Tokenizer
@@ -168,7 +170,7 @@ def run_trial(trial: Trial, options: FinetuneOptions, task: Task, tokenizer: Tok
     engine.finish()
     results = engine.last_evaluation
     if dist.is_main:
-        atomic_write(run.root / "results.json", lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
+        atomic_write(run.root / "results.json", lambda p: p.write_text(json_text(results) + "\n"))
     return results
 
 
@@ -213,18 +215,20 @@ def main(args: argparse.Namespace) -> int:
     if (out / "trials").is_dir() and not (args.resume or args.overwrite):
         raise UserError(f"{out} holds an unfinished fine-tuning run: pass --resume to continue it or --overwrite "
                         f"to start again")
-    if out.exists() and args.overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dist = setup_distributed(options.train.device)
-    if dist.is_main:
-        save_config(options, out / "config.yaml")
-    tokenizer = Tokenizer.from_pretrained(resolve(options.model.checkpoint))
     settings, limit = options.task.settings(), options.task.max_eval_examples
+    check_length(task, settings, options.model.checkpoint)  # everything is checked and read before writing
+    tokenizer = Tokenizer.from_pretrained(resolve(options.model.checkpoint))
     train = load_split(task, "train", options.task.data_dir, tokenizer, settings, training=True,
                        limit=options.task.max_train_examples)
     dev = [load_split(task, split, options.task.data_dir, tokenizer, settings, training=False, limit=limit)
            for split in task.dev_splits]
+    dist = setup_distributed(options.train.device)
+    if dist.is_main:
+        if out.exists() and args.overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(options, out / "config.yaml")
+    dist.barrier()
     if dist.is_main:
         print(f"fine-tuning {options.model.checkpoint} on {task.name}: {len(train)} training rows, "
               f"{', '.join(f'{len(d)} {d.split}' for d in dev)}")
@@ -233,7 +237,7 @@ def main(args: argparse.Namespace) -> int:
         run = RunDir(out / "trials" / trial.name, dist.is_main)
         done = run.root / "results.json"
         if done.is_file():
-            metrics = json.loads(done.read_text())
+            metrics = {k: math.nan if v is None else v for k, v in json.loads(done.read_text()).items()}
         else:
             run.prepare(resume=True, overwrite=False)
             metrics = run_trial(trial, options, task, tokenizer, train, dev, run, dist, resume=True)
@@ -243,6 +247,7 @@ def main(args: argparse.Namespace) -> int:
     if dist.is_main:
         summary = summarise(task, results, constant_baseline(train, dev[0]))
         best_dir = out / "trials" / summary["best"]["name"] / "final"
+        write_finetuning_record(best_dir, task, settings)
         _publish(best_dir, out / "final")
         summary["test_predictions"] = _predict_test(task, options, best_dir, tokenizer, dev[0], out)
         _write_results(out, summary)
@@ -311,6 +316,6 @@ def _predict_test(task: Task, options: FinetuneOptions, model_dir: Path, tokeniz
 
 
 def _write_results(out: Path, summary: dict) -> None:
-    text = json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2) + "\n"
+    text = json_text({k: v for k, v in summary.items() if k != "table"}) + "\n"
     atomic_write(out / "results.md", lambda p: p.write_text(f"# {summary['task']}\n\n{summary['table']}\n"))
     atomic_write(out / "results.json", lambda p: p.write_text(text))
