@@ -177,7 +177,8 @@ def test_evaluate_scores_a_finetuned_checkpoint(checkpoint, data_dirs, tmp_path)
 @pytest.mark.parametrize("args, message", [
     (["--task", "nope"], "unknown task 'nope'"),
     (["--task", "ax"], "diagnostic test set"),
-    (["--task", "rte", "--task.data_dir", "missing"], "missing"),
+    (["--task", "rte", "--task.data_dir", "missing", "--task.max_seq_length", "32"], "missing"),
+    (["--task", "rte"], "its position table has 64 positions, fewer than rte's max_seq_length 128"),
     (["--task", "rte", "--train.lr", "2e-5"], "search.lr"),
 ])
 def test_bad_input_is_one_line(checkpoint, tmp_path, args, message):
