@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 import mobilebert as mb
-from mobilebert.recipes.pretrain import pretraining_counts, pretraining_sums
 from mobilebert.report import format_table
 from mobilebert.train.loop import Distributed, Engine, TrainOptions, micro_batches
 from mobilebert.train.optim import build_optimizer, build_scheduler, clip_grad_norm, parameter_groups
+from mobilebert.train.pretraining import pretraining_counts, pretraining_sums
 from mobilebert.train.rundir import RunDir
 
 

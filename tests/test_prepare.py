@@ -295,3 +295,15 @@ def test_prepared_folders_that_do_not_fit_the_run_are_refused(tmp_path, corpus, 
     (unfinished / "request.json").write_text("{}")
     one_line_error(pretrain("--config", str(config), "--data.prepared", str(unfinished), "--out",
                             str(tmp_path / "b")), "did not finish")
+
+
+def test_prepare_reads_the_data_section_of_a_training_config(tmp_path, corpus, tokenizer_dir, capsys):
+    from mobilebert.cli import main
+
+    config = write_config(tmp_path / "c.yaml", corpus, steps=2)  # model, data and train sections
+    assert main(["prepare", "--config", str(config), "--tokenizer", str(tokenizer_dir), "--workers", "1",
+                 "--out", str(tmp_path / "p")]) == 0
+    assert open_prepared(tmp_path / "p").max_seq_length == 32  # the config's data.max_seq_length
+    assert main(["prepare", "--config", str(config), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "p"),
+                 "--resume"]) == 0
+    assert "was already complete" in capsys.readouterr().out

@@ -17,7 +17,7 @@ from conftest import padded_batch, randomize
 from safetensors.torch import load_file
 
 import mobilebert as mb
-from mobilebert.recipes.pretrain import pretraining_sums
+from mobilebert.train.pretraining import pretraining_sums
 from mobilebert.train.rundir import read_metrics
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu",

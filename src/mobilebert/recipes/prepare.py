@@ -9,16 +9,28 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mobilebert.data.prepare import prepare, summary
+from mobilebert.data.training import DataOptions
 from mobilebert.recipe_config import load_config
-from mobilebert.recipes.pretrain import PretrainOptions
+
+
+@dataclass
+class PrepareOptions:
+    """A pretrain or distill config: its data section says what to prepare; the other sections are read and ignored."""
+
+    data: DataOptions = field(default_factory=DataOptions)
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    distill: dict[str, Any] = field(default_factory=dict)
 
 
 def main(args: argparse.Namespace) -> int:
     shorthand = [(key, getattr(args, key)) for key in ("corpus", "tokenizer", "workers") if getattr(args, key)]
-    options = load_config(PretrainOptions, args.config,
+    options = load_config(PrepareOptions, args.config,
                           args.overrides + [a for k, v in shorthand for a in (f"--data.{k}", str(v))]).data
     settings = options.prepare_settings()
     finished_before = args.resume and (Path(args.out) / "manifest.json").is_file()

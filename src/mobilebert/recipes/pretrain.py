@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 from mobilebert.checkpoint import has_tokenizer
 from mobilebert.config import preset
 from mobilebert.data.prepared import open_prepared
-from mobilebert.data.pretraining import IGNORE_INDEX, PretrainingBatches, batch_stream
+from mobilebert.data.pretraining import batch_stream
 from mobilebert.data.training import (
     DataOptions,
     batches_for,
@@ -33,6 +32,7 @@ from mobilebert.recipe_config import load_config, save_config
 from mobilebert.tokenizer import Tokenizer
 from mobilebert.train.loop import Engine, TrainOptions, micro_batches, open_run
 from mobilebert.train.optim import check_schedule
+from mobilebert.train.pretraining import evaluate_pretraining, pretraining_counts, pretraining_sums
 
 
 @dataclass
@@ -47,44 +47,6 @@ class PretrainOptions:
     model: ModelOptions = field(default_factory=ModelOptions)
     data: DataOptions = field(default_factory=DataOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
-
-
-def pretraining_counts(batch: dict[str, torch.Tensor]) -> dict[str, int]:
-    return {"mlm": int((batch["labels"] != IGNORE_INDEX).sum()), "nsp": len(batch["next_sentence_label"])}
-
-
-def pretraining_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Summed masked-LM and next-sentence cross-entropies of one micro-batch (the engine normalises): the model's
-    mean losses (computed in fp32, also under autocast) times their counts."""
-    out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"],
-                next_sentence_label=batch["next_sentence_label"], masked_only=True)
-    masked = len(out.prediction_logits)  # (N, V): one row per masked position
-    mlm = out.mlm_loss * masked if masked else out.prediction_logits.sum()  # nothing masked: 0, not NaN
-    return {"mlm": mlm, "nsp": out.nsp_loss * len(batch["next_sentence_label"])}
-
-
-def evaluate_pretraining(model: MobileBertForPreTraining, batches: PretrainingBatches, num_batches: int,
-                         device: torch.device) -> dict[str, float]:
-    """Masked-LM accuracy and perplexity, NSP accuracy, and the accuracy of always guessing the commonest token."""
-    correct = total = nsp_correct = nsp_total = 0
-    loss_sum = 0.0
-    label_counts: Counter = Counter()
-    for step in range(num_batches):
-        batch = {k: v.to(device) for k, v in batches.batch(step).items()}
-        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"],
-                    masked_only=True)
-        masked = batch["labels"][batch["labels"] != IGNORE_INDEX]
-        if len(masked):  # the model's mean loss (fp32) times the count; nothing masked adds nothing
-            loss_sum += out.mlm_loss.item() * len(masked)
-        correct += int((out.prediction_logits.argmax(-1) == masked).sum())
-        total += len(masked)
-        label_counts.update(masked.tolist())
-        nsp_correct += int((out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).sum())
-        nsp_total += len(batch["next_sentence_label"])
-    return {"mlm_accuracy": correct / max(total, 1), "mlm_loss": loss_sum / max(total, 1),
-            "perplexity": math.exp(min(loss_sum / max(total, 1), 50.0)),
-            "mlm_majority_accuracy": max(label_counts.values(), default=0) / max(total, 1),
-            "nsp_accuracy": nsp_correct / max(nsp_total, 1)}
 
 
 def build_model(options: ModelOptions, vocab_size: int) -> MobileBertForPreTraining:
