@@ -307,3 +307,35 @@ def test_prepare_reads_the_data_section_of_a_training_config(tmp_path, corpus, t
     assert main(["prepare", "--config", str(config), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "p"),
                  "--resume"]) == 0
     assert "was already complete" in capsys.readouterr().out
+
+
+def test_a_file_without_blank_lines_is_still_cut_into_bounded_shards(tmp_path):
+    from mobilebert.data.sources import text_ranges
+
+    text = tmp_path / "one-line-per-article.txt"
+    text.write_text("".join(f"Article {i} has a sentence. And another one here.\n" for i in range(2000)))
+    ranges = list(text_ranges(str(text), shard_bytes=10_000))
+    assert len(ranges) >= 4 and ranges[-1].end == text.stat().st_size
+    assert all(r.end - r.start <= 20_100 for r in ranges)  # at most a shard and a stretch, ending at a line end
+    data = text.read_bytes()
+    assert all(data[r.end - 1:r.end] == b"\n" for r in ranges)
+
+
+def test_a_refused_resume_leaves_the_folder_as_it_was(tmp_path, corpus, tokenizer_dir):
+    prepare(small(corpus), tmp_path / "p", str(tokenizer_dir), workers=1, show_progress=False)
+    other = tmp_path / "other"
+    Tokenizer.train([["Completely different words here.", "Nothing alike at all."]] * 4,
+                    vocab_size=90).save_pretrained(other)
+    with pytest.raises(UserError, match="prepared from another corpus, settings or tokenizer"):
+        prepare(small(corpus), tmp_path / "p", str(other), workers=1, resume=True, show_progress=False)
+    assert open_prepared(tmp_path / "p").tokenizer().fingerprint() == Tokenizer.from_pretrained(
+        tokenizer_dir).fingerprint()
+
+
+def test_one_preparation_at_a_time_per_folder(tmp_path, corpus, tokenizer_dir):
+    import fcntl
+
+    with open(tmp_path / ".p.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running preparation holds it
+        with pytest.raises(UserError, match="another process is preparing into it"):
+            prepare(small(corpus), tmp_path / "p", str(tokenizer_dir), workers=1, show_progress=False)

@@ -71,6 +71,8 @@ class PrepareSettings:
             if source not in self.corpus or size < 1:
                 raise UserError(f"data.group_size: {source!r}: {size} records per document; name a source of "
                                 "data.corpus and a size of at least 1")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise UserError(f"data.max_documents must be at least 1 (or null: all), got {self.max_documents}")
         if self.shard_mb <= 0:
             raise UserError(f"data.shard_mb must be positive, got {self.shard_mb}")
         for source in self.corpus:
@@ -134,14 +136,33 @@ def prepare(settings: PrepareSettings, out: Path, tokenizer_dir: str | None = No
     from its finished shards.
     """
     out = Path(out)
-    fresh = not out.exists() or not any(out.iterdir())
-    _claim(out, resume, overwrite)
-    try:
-        return _prepare(settings, out, tokenizer_dir, vocab_size, workers, show_progress)
-    except UserError:
-        if fresh and not any((out / "shards").glob("0*")):  # refused before any work was done: leave nothing
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is a file; --out names the folder to prepare into")
+    with _exclusive(out):
+        fresh = not out.exists() or not any(out.iterdir())
+        _claim(out, resume, overwrite)
+        try:
+            return _prepare(settings, out, tokenizer_dir, vocab_size, workers, show_progress)
+        except UserError:
+            if fresh and not any((out / "shards").glob("0*")):  # refused before any work was done: leave nothing
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """One preparation at a time into `out` (two runs sharing a cache, a resume beside a running pretrain): a lock
+    file beside the folder, released by the system however the process ends."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{out}: another process is preparing into it; wait for it to finish, or choose "
+                            "another --out") from None
+        yield
 
 
 def _prepare(settings: PrepareSettings, out: Path, tokenizer_dir: str | None, vocab_size: int, workers: int | None,
@@ -150,12 +171,14 @@ def _prepare(settings: PrepareSettings, out: Path, tokenizer_dir: str | None, vo
     request = {**settings.identity(), "tokenizer": tokenizer.fingerprint()}
     request_file = out / "request.json"
     if request_file.is_file():
-        if json.loads(request_file.read_text()) != request:
+        if _read_json(request_file) != request:  # checked before anything in the folder changes
             raise UserError(f"{out}: was prepared from another corpus, settings or tokenizer; use --overwrite to "
                             "start again or another --out")
         if (out / "manifest.json").is_file():
             return read_manifest(out)
-    else:
+    if not (out / "tokenizer" / "tokenizer.json").is_file():
+        tokenizer.save_pretrained(out / "tokenizer")  # the folder carries the tokenizer its ids mean
+    if not request_file.is_file():
         atomic_write(request_file, lambda p: p.write_text(json.dumps(request, indent=1) + "\n"))
     done = _run_shards(settings, out, tokenizer, workers or os.cpu_count() or 1, show_progress)
     return _write_manifest(out, settings, tokenizer, request, done)
@@ -180,15 +203,20 @@ def _tokenizer(settings: PrepareSettings, out: Path, tokenizer_dir: str | None, 
 
     saved = out / "tokenizer"
     if tokenizer_dir:
-        tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-        tokenizer.save_pretrained(saved)  # the folder carries the tokenizer its ids mean
-        return tokenizer
-    if (saved / "tokenizer.json").is_file():
+        return Tokenizer.from_pretrained(tokenizer_dir)
+    if (saved / "tokenizer.json").is_file():  # trained by an earlier, interrupted run
         return Tokenizer.from_pretrained(saved)
     print(f"training a WordPiece vocabulary of {vocab_size} on {', '.join(settings.corpus)} (two passes)")
     tokenizer = Tokenizer.train_from_stream(lambda: sources.train_sentences(settings), vocab_size=vocab_size)
-    tokenizer.save_pretrained(saved)
+    tokenizer.save_pretrained(saved)  # before the shards: a resumed run must not train another one
     return tokenizer
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); prepare again with --overwrite") from None
 
 
 # ---- shards, in worker processes ----
@@ -292,8 +320,12 @@ def _finished_meta(out: Path, shard: sources.Shard) -> dict | None:
     meta_file = out / "shards" / f"{shard.index:05d}" / "meta.json"
     if not meta_file.is_file():
         return None
-    meta = json.loads(meta_file.read_text())
-    return meta if meta.get("key") == shard.key() else None
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # damaged: the shard is prepared again
+    files_there = all((meta_file.parent / name).is_file() for name in meta.get("files", {}))
+    return meta if meta.get("key") == shard.key() and files_there else None
 
 
 # ---- the manifest ----

@@ -7,6 +7,7 @@ every file's sha256 against the manifest when `verify` is set (about a second pe
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,18 +28,28 @@ class _Shard:
 
 
 class PreparedPairs:
-    """The NSP pairs of one split over all shards, indexed 0..len-1 in shard order."""
+    """The NSP pairs of one split over all shards, indexed 0..len-1 in shard order.
+
+    Every shard file's header and size are checked when the folder is opened (a truncated file is caught), but a
+    shard is mapped only when an example of it is read, and at most `OPEN_SHARDS` stay mapped: each map holds a file
+    descriptor, and the paper's corpus has thousands of shard files (the usual limit is 1024 per process).
+    """
+
+    OPEN_SHARDS = 64
 
     def __init__(self, folder: Path, manifest: dict[str, Any], split: str) -> None:
         self.folder, self.split = Path(folder), split
-        self._shards: list[_Shard] = []
+        self._folders: list[Path] = []
         counts = []
         for meta in manifest["shards"]:
             n = meta["counts"][f"{split}_pairs"]
             if n:
-                self._shards.append(_open_shard(self.folder / "shards" / f"{meta['index']:05d}", split, n))
+                shard = self.folder / "shards" / f"{meta['index']:05d}"
+                _check_shard(shard, split, n)
+                self._folders.append(shard)
                 counts.append(n)
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # first example of each shard
+        self._open: OrderedDict[int, _Shard] = OrderedDict()
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -46,9 +57,19 @@ class PreparedPairs:
     def pair(self, i: int) -> tuple[np.ndarray, int, int]:
         """(token ids as int64, length of [CLS] A [SEP], is_random_next) of example i."""
         s = int(np.searchsorted(self._starts, i, side="right")) - 1
-        shard, j = self._shards[s], i - int(self._starts[s])
+        shard, j = self._shard(s), i - int(self._starts[s])
         ids = shard.tokens[shard.offsets[j]:shard.offsets[j + 1]].astype(np.int64)
         return ids, int(shard.first_lengths[j]), int(shard.is_random_next[j])
+
+    def _shard(self, s: int) -> _Shard:
+        if s in self._open:
+            self._open.move_to_end(s)
+        else:
+            self._open[s] = _Shard(**{name: np.load(self._folders[s] / f"{self.split}-{name}.npy", mmap_mode="r",
+                                                    allow_pickle=False) for name in ARRAYS})
+            if len(self._open) > self.OPEN_SHARDS:
+                self._open.popitem(last=False)  # the least recently read: its maps close with it
+        return self._open[s]
 
     def __getstate__(self) -> dict[str, Any]:
         # Background loader workers started with spawn get the folder, not copies of mapped arrays.
@@ -58,21 +79,28 @@ class PreparedPairs:
         self.__init__(state["folder"], read_manifest(state["folder"]), state["split"])
 
 
-def _open_shard(folder: Path, split: str, pairs: int) -> _Shard:
-    arrays = {}
+def _check_shard(folder: Path, split: str, pairs: int) -> None:
+    """Each array file's header, shape and size, read without mapping it."""
+    expected = {"offsets": (pairs + 1,), "first_lengths": (pairs,), "is_random_next": (pairs,)}
     for name in ARRAYS:
         path = folder / f"{split}-{name}.npy"
         try:
-            arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+            with open(path, "rb") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+                data_start = f.tell()
         except FileNotFoundError:
             raise UserError(f"{path}: missing; the prepared folder is incomplete") from None
-        except ValueError as e:  # a truncated or garbled .npy
+        except ValueError as e:  # a garbled header
             raise UserError(f"{path}: cannot be read ({e}); prepare the data again") from None
-    shard = _Shard(**arrays)
-    if len(shard.first_lengths) != pairs or len(shard.offsets) != pairs + 1 or \
-            len(shard.is_random_next) != pairs or int(shard.offsets[-1]) != len(shard.tokens):
-        raise UserError(f"{folder}: {split} arrays do not match the manifest's {pairs} pairs; prepare again")
-    return shard
+        size = data_start + int(np.prod(shape)) * dtype.itemsize
+        if path.stat().st_size < size:
+            raise UserError(f"{path}: cannot be read (truncated: {path.stat().st_size} of {size} bytes); prepare "
+                            "the data again")
+        if name in expected and shape != expected[name]:
+            raise UserError(f"{folder}: {split} arrays do not match the manifest's {pairs} pairs; prepare again")
 
 
 @dataclass
@@ -106,6 +134,11 @@ def open_prepared(folder: str | Path, verify: bool = True) -> PreparedData:
         verify_checksums(folder, manifest)
     if not (folder / "tokenizer" / "tokenizer.json").is_file() and not (folder / "tokenizer" / "vocab.txt").is_file():
         raise UserError(f"{folder}: no tokenizer/ folder; the prepared folder is incomplete")
+    from mobilebert.tokenizer import Tokenizer
+
+    if Tokenizer.from_pretrained(folder / "tokenizer").fingerprint() != manifest["tokenizer"]:
+        raise UserError(f"{folder}: its tokenizer/ is not the tokenizer the shards were made with (fingerprint "
+                        f"{manifest['tokenizer']}); prepare again")
     return PreparedData(folder, manifest, PreparedPairs(folder, manifest, "train"),
                         PreparedPairs(folder, manifest, "validation"))
 

@@ -103,10 +103,12 @@ def _encode_chunk(backend: tokenizers.Tokenizer, documents: list[list[str]], mar
     texts = [f" {SENTENCE_MARK} ".join(doc) for doc in documents]
     out = []
     for doc, text, encoding in zip(documents, texts, _encode_fast(backend, texts), strict=True):
-        if mark is None or text.count(SENTENCE_MARK) != len(doc) - 1:
+        ids = encoding.ids
+        if mark is None or text.count(SENTENCE_MARK) != len(doc) - 1 or ids.count(mark) != len(doc) - 1:
+            # "[SEP]" in the text itself, or a tokenizer that does not keep [SEP] whole: cut at character offsets
             out.append([array("i", ids) for ids in _cut_at_offsets(backend, doc)])
             continue
-        ids, sentences, begin = encoding.ids, [], 0
+        sentences, begin = [], 0
         for _ in range(len(doc) - 1):
             end = ids.index(mark, begin)
             sentences.append(array("i", ids[begin:end]))

@@ -95,32 +95,39 @@ def text_ranges(paths: str | list[str], shard_bytes: int) -> Iterator[Range]:
         with open(file, "rb") as f:
             start = 0
             while start < size:
-                end = _document_boundary(f, start + shard_bytes, size)
+                end = _document_boundary(f, start + shard_bytes, size, shard_bytes)
                 yield Range(str(file), start, end)
                 start = end
 
 
-def _document_boundary(f: Any, target: int, size: int) -> int:
-    """The first position at or after `target` that follows a blank line (or the file's end)."""
+def _document_boundary(f: Any, target: int, size: int, stretch: int) -> int:
+    """The first position at or after `target` that follows a blank line (or the file's end).
+
+    A file without blank lines (one long document, or another format) is cut at a line end after another
+    `stretch` bytes at the most, so no shard grows with the file (its documents are then cut there)."""
     if target >= size:
         return size
+    limit = target + stretch
     f.seek(target - 1)
     if f.read(1) != b"\n":
-        f.readline()  # `target` is inside a line: that line is not a blank one
-    while line := f.readline():
+        f.readline(1 << 20)  # `target` is inside a line: that line is not a blank one
+    while line := f.readline(1 << 20):  # lines read 1 MB at a time at most: a file may have no line ends
         if not line.strip():
+            return f.tell()
+        if f.tell() >= limit and line.endswith(b"\n"):
             return f.tell()
     return size
 
 
 def pack_ranges(ranges: Iterator[Range], shard_bytes: int, first_index: int, split: str) -> Iterator[Shard]:
     """Ranges gathered into shards of at least `shard_bytes` (many small files share a shard)."""
-    shard = Shard(first_index, split)
+    shard, size = Shard(first_index, split), 0
     for r in ranges:
         shard.ranges.append(r)
-        if shard.text_bytes >= shard_bytes:
+        size += r.end - r.start  # a running total: folders of millions of small files
+        if size >= shard_bytes:
             yield shard
-            shard = Shard(shard.index + 1, split)
+            shard, size = Shard(shard.index + 1, split), 0
     if shard.ranges:
         yield shard
 

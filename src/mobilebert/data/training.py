@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,42 +101,51 @@ def check_options(options: DataOptions) -> None:
 def prepare_data(options: DataOptions, out: Path, dist: Any, teacher: str | None = None) -> PretrainingData:
     """The prepared folder to train on (prepared first when needed, by the main process), mapped on every rank.
 
-    `teacher`: distill's teacher folder, whose record names the data it was trained on (see `DataOptions`).
+    `teacher`: distill's teacher folder, whose record names the data it was trained on (see `DataOptions`). The
+    other ranks wait for the main one by polling a file in the run folder, not in a collective: preparing a corpus
+    can take hours, and collectives time out after minutes. They map the folder the main rank names there.
     """
-    folder = None
+    ready = Path(out) / ".prepared-data"
+    if dist.is_main:
+        ready.unlink(missing_ok=True)  # a record from an earlier start of this run
+    dist.barrier()
     if dist.is_main:
         folder = _resolve(options, out, teacher)
         data = open_prepared(folder, verify=options.verify)
         _check_length(options, data)
+        atomic_write(ready, lambda p: p.write_text(str(Path(folder).resolve())))
+    else:
+        while not ready.is_file():  # the main rank is preparing (or failed: torchrun then stops every rank)
+            time.sleep(1.0)
+        data = open_prepared(ready.read_text(), verify=False)
     dist.barrier()
-    if not dist.is_main:
-        folder = _resolve(options, out, teacher, prepare_missing=False)
-        data = open_prepared(folder, verify=False)
     return PretrainingData(data.tokenizer(), data)
 
 
-def _resolve(options: DataOptions, out: Path, teacher: str | None, prepare_missing: bool = True) -> Path:
+def _resolve(options: DataOptions, out: Path, teacher: str | None) -> Path:
     if options.prepared == "teacher":
         recorded = _teacher_record(teacher)
         if recorded is not None:
-            if prepare_missing:
-                print(f"using the teacher's prepared data: {recorded} (data.prepared: teacher; --data.prepared null "
-                      "prepares data.corpus instead)")
+            print(f"using the teacher's prepared data: {recorded} (data.prepared: teacher; --data.prepared null "
+                  "prepares data.corpus instead)")
             return recorded
     elif options.prepared:
         return Path(options.prepared)
+    if options.prepared == "teacher":
+        print(f"the teacher {teacher} records no prepared data (no {RECORD} beside its weights, or its folder is "
+              f"gone): preparing data.corpus {options.corpus} with its tokenizer")
     settings = options.prepare_settings()
     tokenizer = options.tokenizer
     fingerprint = Tokenizer.from_pretrained(tokenizer).fingerprint() if tokenizer else None
     cache = Path(options.cache_dir) if options.cache_dir else out / "cache"
     request = {**settings.identity(), "tokenizer": fingerprint}
     for candidate in sorted(cache.glob("prepared-*/manifest.json")) if fingerprint else []:
-        if json.loads(candidate.read_text()).get("request") == request:  # same data, made by another run
+        if (_json(candidate) or {}).get("request") == request:  # same data, made by another run
             return candidate.parent
     wanted = {**settings.identity(), "tokenizer": fingerprint or {"train": options.vocab_size}}
     key = hashlib.sha256(json.dumps(wanted, sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = cache / f"prepared-{key}"
-    if prepare_missing and not (folder / "manifest.json").is_file():
+    if not (folder / "manifest.json").is_file():
         manifest = prepare(settings, folder, tokenizer, options.vocab_size, options.workers, resume=True)
         print(f"prepared {summary(manifest)}: {folder}")
     return folder
@@ -145,8 +155,16 @@ def _teacher_record(teacher: str | None) -> Path | None:
     record = Path(teacher) / RECORD if teacher else None
     if record is None or not record.is_file():
         return None
-    folder = Path(json.loads(record.read_text())["folder"])
+    folder = Path((_json(record) or {}).get("folder", record.parent / "missing"))
     return folder if (folder / "manifest.json").is_file() else None
+
+
+def _json(path: Path) -> Any:
+    """A JSON file's content, or None when it is damaged (a record or manifest is then treated as absent)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
 
 
 def _check_length(options: DataOptions, data: PreparedData) -> None:

@@ -183,7 +183,8 @@ def main(args: argparse.Namespace) -> int:
                                     / options.data.eval_batch_size)) if len(data.validation) else 0
     engine = Engine(student, options.train, run, dist, tokenizer=data.tokenizer, lr_lambda=schedule,
                     groups=layer_groups(parameter_groups(student, options.train.weight_decay)), partial_graph=True,
-                    evaluate=lambda: evaluate_pretraining(student, validation, eval_batches, dist.device))
+                    evaluate=(lambda: evaluate_pretraining(student, validation, eval_batches, dist.device))
+                    if eval_batches else None)
     losses = Transfer(teacher, transfer, layer_map)
     if dist.is_main:
         print(f"distilling {Path(transfer.teacher).name} → {transfer.student} with {transfer.strategy.upper()}: "

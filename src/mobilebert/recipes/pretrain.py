@@ -99,7 +99,8 @@ def main(args: argparse.Namespace) -> int:
     eval_batches = max(1, math.ceil(min(options.data.eval_examples, len(data.validation))
                                     / options.data.eval_batch_size)) if len(data.validation) else 0
     engine = Engine(model, options.train, run, dist, tokenizer=data.tokenizer,
-                    evaluate=lambda: evaluate_pretraining(model, validation, eval_batches, dist.device))
+                    evaluate=(lambda: evaluate_pretraining(model, validation, eval_batches, dist.device))
+                    if eval_batches else None)
     if dist.is_main:
         print(f"pre-training {options.model.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
               f"parameters) on {len(data.train)} pairs, {dist.world_size} process(es), {dist.device}")
