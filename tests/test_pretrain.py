@@ -107,8 +107,10 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path, corpus):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (tmp_path / "cut" / "final").exists(), "killed too late to test anything"
+    os.utime(corpus / "corpus.txt")  # the corpus looks changed: a resumed run still trains on its first data
     resumed = pretrain("--config", str(config), "--out", str(tmp_path / "cut"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    assert len(list((tmp_path / "cut" / "cache").glob("prepared-*/manifest.json"))) == 1
 
     a = load_file(tmp_path / "ref" / "final" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "final" / "model.safetensors")

@@ -99,7 +99,11 @@ def _check_source(source: str) -> None:
 
 
 def _signature(source: str) -> Any:
-    """Cheap identity of a source: files by size and modification time (like make), other sources by name."""
+    """Cheap identity of a source: files by size and modification time (like make), hub ids by name."""
+    path = Path(source)
+    if path.exists() and not sources.is_text_source(source):  # a local data file or save_to_disk folder
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        return [source, [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
     if not sources.is_text_source(source):
         return source
     from mobilebert.data.corpus import _text_files

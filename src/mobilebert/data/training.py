@@ -98,7 +98,8 @@ def check_options(options: DataOptions) -> None:
             Tokenizer.from_pretrained(options.tokenizer)
 
 
-def prepare_data(options: DataOptions, out: Path, dist: Any, teacher: str | None = None) -> PretrainingData:
+def prepare_data(options: DataOptions, out: Path, dist: Any, teacher: str | None = None,
+                 resume: bool = False) -> PretrainingData:
     """The prepared folder to train on (prepared first when needed, by the main process), mapped on every rank.
 
     `teacher`: distill's teacher folder, whose record names the data it was trained on (see `DataOptions`). The
@@ -106,11 +107,12 @@ def prepare_data(options: DataOptions, out: Path, dist: Any, teacher: str | None
     can take hours, and collectives time out after minutes. They map the folder the main rank names there.
     """
     ready = Path(out) / ".prepared-data"
+    pinned = _pinned(ready) if resume else None  # a resumed run trains on the data it started with
     if dist.is_main:
-        ready.unlink(missing_ok=True)  # a record from an earlier start of this run
+        ready.unlink(missing_ok=True)
     dist.barrier()
     if dist.is_main:
-        folder = _resolve(options, out, teacher)
+        folder = pinned or _resolve(options, out, teacher)
         data = open_prepared(folder, verify=options.verify)
         _check_length(options, data)
         atomic_write(ready, lambda p: p.write_text(str(Path(folder).resolve())))
@@ -120,6 +122,14 @@ def prepare_data(options: DataOptions, out: Path, dist: Any, teacher: str | None
         data = open_prepared(ready.read_text(), verify=False)
     dist.barrier()
     return PretrainingData(data.tokenizer(), data)
+
+
+def _pinned(ready: Path) -> Path | None:
+    """The folder an earlier start of this run trained on, while it is still complete."""
+    if not ready.is_file():
+        return None
+    folder = Path(ready.read_text().strip())
+    return folder if (folder / "manifest.json").is_file() else None
 
 
 def _resolve(options: DataOptions, out: Path, teacher: str | None) -> Path:

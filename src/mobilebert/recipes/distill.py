@@ -155,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     dist, run = opened
     teacher = MobileBertForPreTraining.from_pretrained(transfer.teacher)
-    data = prepare_data(options.data, run.root, dist, teacher=transfer.teacher)
+    data = prepare_data(options.data, run.root, dist, teacher=transfer.teacher, resume=args.resume)
     check_tokenizer(data, Tokenizer.from_pretrained(transfer.teacher), f"the teacher {transfer.teacher}")
     student_cfg = preset(transfer.student, **{"vocab_size": data.tokenizer.vocab_size, **transfer.student_overrides})
     layer_map = build_layer_map(transfer.layer_map, teacher.config.num_hidden_layers, student_cfg.num_hidden_layers)

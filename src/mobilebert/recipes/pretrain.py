@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
     dist, run = opened
     if dist.is_main:
         save_config(options, run.config)
-    data = prepare_data(options.data, run.root, dist)
+    data = prepare_data(options.data, run.root, dist, resume=args.resume)
     if options.model.init_from and has_tokenizer(options.model.init_from):
         check_tokenizer(data, Tokenizer.from_pretrained(options.model.init_from), options.model.init_from)
     torch.manual_seed(options.train.seed)
