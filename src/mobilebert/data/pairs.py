@@ -9,7 +9,6 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
-from pathlib import Path
 
 import numpy as np
 
@@ -44,17 +43,6 @@ class PairDataset:
     def pair(self, i: int) -> tuple[np.ndarray, int, int]:
         """(token ids as int64, length of [CLS] A [SEP], is_random_next) of example i."""
         return self.example(i).astype(np.int64), int(self.first_lengths[i]), int(self.is_random_next[i])
-
-    def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        for name in ("tokens", "offsets", "first_lengths", "is_random_next"):
-            np.save(directory / f"{name}.npy", getattr(self, name), allow_pickle=False)
-
-    @classmethod
-    def load(cls, directory: Path) -> PairDataset:
-        arrays = {name: np.load(directory / f"{name}.npy", allow_pickle=False)
-                  for name in ("tokens", "offsets", "first_lengths", "is_random_next")}
-        return cls(**arrays)
 
 
 def create_pairs(documents: Sequence[Sequence[list[int]]], cls_id: int, sep_id: int,
