@@ -74,7 +74,7 @@ def test_any_worker_count_writes_the_same_bytes(tmp_path, corpus, tokenizer_dir)
     data = open_prepared(tmp_path / "one")
     assert len(data.train) == totals["train_pairs"] and len(data.validation) == totals["validation_pairs"]
     ids, first_length, label = data.train.pair(len(data.train) - 1)  # the last shard's last pair
-    cls_id, sep_id = (data.tokenizer().cls_id, data.tokenizer().sep_id)
+    cls_id, sep_id = (data.tokenizer.cls_id, data.tokenizer.sep_id)
     assert ids[0] == cls_id and ids[first_length - 1] == sep_id and ids[-1] == sep_id and label in (0, 1)
     assert ids.dtype == np.int64 and len(ids) <= 32
     # Again with --resume: the finished folder is returned as it is.
@@ -157,7 +157,7 @@ def test_background_loader_gives_the_same_batches(tmp_path, corpus, tokenizer_di
 
     prepare(small(corpus), tmp_path / "p", str(tokenizer_dir), workers=1, show_progress=False)
     data = open_prepared(tmp_path / "p")
-    batches = batches_for(data.train, data.tokenizer(), DataOptions(), batch_size=8, seed=3)
+    batches = batches_for(data.train, data.tokenizer, DataOptions(), batch_size=8, seed=3)
     inline = list(batch_stream(batches, 2, 7, workers=0))
     background = list(batch_stream(batches, 2, 7, workers=2))
     assert len(inline) == len(background) == 5
@@ -328,7 +328,7 @@ def test_a_refused_resume_leaves_the_folder_as_it_was(tmp_path, corpus, tokenize
                     vocab_size=90).save_pretrained(other)
     with pytest.raises(UserError, match="prepared from another corpus, settings or tokenizer"):
         prepare(small(corpus), tmp_path / "p", str(other), workers=1, resume=True, show_progress=False)
-    assert open_prepared(tmp_path / "p").tokenizer().fingerprint() == Tokenizer.from_pretrained(
+    assert open_prepared(tmp_path / "p").tokenizer.fingerprint() == Tokenizer.from_pretrained(
         tokenizer_dir).fingerprint()
 
 

@@ -109,6 +109,7 @@ class PreparedData:
 
     folder: Path
     manifest: dict[str, Any]
+    tokenizer: Any  # mobilebert.tokenizer.Tokenizer: the ids of the shards mean its tokens
     train: PreparedPairs
     validation: PreparedPairs
 
@@ -119,11 +120,6 @@ class PreparedData:
     @property
     def tokenizer_fingerprint(self) -> str:
         return self.manifest["tokenizer"]
-
-    def tokenizer(self):
-        from mobilebert.tokenizer import Tokenizer
-
-        return Tokenizer.from_pretrained(self.folder / "tokenizer")
 
 
 def open_prepared(folder: str | Path, verify: bool = True) -> PreparedData:
@@ -136,10 +132,11 @@ def open_prepared(folder: str | Path, verify: bool = True) -> PreparedData:
         raise UserError(f"{folder}: no tokenizer/ folder; the prepared folder is incomplete")
     from mobilebert.tokenizer import Tokenizer
 
-    if Tokenizer.from_pretrained(folder / "tokenizer").fingerprint() != manifest["tokenizer"]:
+    tokenizer = Tokenizer.from_pretrained(folder / "tokenizer")
+    if tokenizer.fingerprint() != manifest["tokenizer"]:
         raise UserError(f"{folder}: its tokenizer/ is not the tokenizer the shards were made with (fingerprint "
                         f"{manifest['tokenizer']}); prepare again")
-    return PreparedData(folder, manifest, PreparedPairs(folder, manifest, "train"),
+    return PreparedData(folder, manifest, tokenizer, PreparedPairs(folder, manifest, "train"),
                         PreparedPairs(folder, manifest, "validation"))
 
 

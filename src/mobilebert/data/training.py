@@ -74,20 +74,6 @@ class DataOptions:
                                dupe_factor=self.dupe_factor, shard_mb=self.shard_mb)
 
 
-@dataclass
-class PretrainingData:
-    tokenizer: Tokenizer
-    prepared: PreparedData
-
-    @property
-    def train(self):
-        return self.prepared.train
-
-    @property
-    def validation(self):
-        return self.prepared.validation
-
-
 def check_options(options: DataOptions) -> None:
     """What can be checked before any corpus is read: settings, the prepared folder or tokenizer, sources."""
     if options.prepared and options.prepared != "teacher":
@@ -99,7 +85,7 @@ def check_options(options: DataOptions) -> None:
 
 
 def prepare_data(options: DataOptions, out: Path, dist: Any, teacher: str | None = None,
-                 resume: bool = False) -> PretrainingData:
+                 resume: bool = False) -> PreparedData:
     """The prepared folder to train on (prepared first when needed, by the main process), mapped on every rank.
 
     `teacher`: distill's teacher folder, whose record names the data it was trained on (see `DataOptions`). The
@@ -121,7 +107,7 @@ def prepare_data(options: DataOptions, out: Path, dist: Any, teacher: str | None
             time.sleep(1.0)
         data = open_prepared(ready.read_text(), verify=False)
     dist.barrier()
-    return PretrainingData(data.tokenizer(), data)
+    return data
 
 
 def _pinned(ready: Path) -> Path | None:
@@ -185,17 +171,17 @@ def _check_length(options: DataOptions, data: PreparedData) -> None:
                         f"data.max_seq_length {asked} asked; prepare the corpus again with that length")
 
 
-def check_tokenizer(data: PretrainingData, tokenizer: Tokenizer, owner: str) -> None:
+def check_tokenizer(data: PreparedData, tokenizer: Tokenizer, owner: str) -> None:
     """The prepared ids must mean what the model's vocabulary means."""
-    if tokenizer.fingerprint() != data.prepared.tokenizer_fingerprint:
-        raise UserError(f"{data.prepared.folder}: prepared with another tokenizer than {owner}'s (vocabulary "
-                        f"fingerprints {data.prepared.tokenizer_fingerprint} and {tokenizer.fingerprint()}); "
+    if tokenizer.fingerprint() != data.tokenizer_fingerprint:
+        raise UserError(f"{data.folder}: prepared with another tokenizer than {owner}'s (vocabulary "
+                        f"fingerprints {data.tokenizer_fingerprint} and {tokenizer.fingerprint()}); "
                         "prepare the corpus with --tokenizer pointing at it")
 
 
-def write_record(model_folder: Path, data: PretrainingData) -> None:
+def write_record(model_folder: Path, data: PreparedData) -> None:
     """Note in a trained model's folder which prepared data it was trained on (distill reuses it)."""
-    content = json.dumps({"folder": str(data.prepared.folder.resolve()), "tokenizer": data.tokenizer.fingerprint()})
+    content = json.dumps({"folder": str(data.folder.resolve()), "tokenizer": data.tokenizer_fingerprint})
     atomic_write(Path(model_folder) / RECORD, lambda p: p.write_text(content + "\n"))
 
 

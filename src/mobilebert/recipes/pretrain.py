@@ -15,7 +15,7 @@ import torch
 
 from mobilebert.checkpoint import has_tokenizer
 from mobilebert.config import preset
-from mobilebert.data.prepared import open_prepared
+from mobilebert.data.prepare import read_manifest
 from mobilebert.data.pretraining import batch_stream
 from mobilebert.data.training import (
     DataOptions,
@@ -70,7 +70,7 @@ def check_before_data(options: PretrainOptions) -> None:
     cfg = preset(options.model.preset, **{k: v for k, v in options.model.overrides.items() if k != "vocab_size"})
     length = options.data.max_seq_length
     if options.data.prepared and options.data.prepared != "teacher":
-        length = open_prepared(options.data.prepared, verify=False).max_seq_length
+        length = read_manifest(options.data.prepared)["max_seq_length"]  # opened by check_options just above
     if (length or 128) > cfg.max_position_embeddings:
         raise UserError(f"data.max_seq_length {length or 128} exceeds the model's max_position_embeddings "
                         f"({cfg.max_position_embeddings})")
@@ -90,8 +90,8 @@ def main(args: argparse.Namespace) -> int:
         check_tokenizer(data, Tokenizer.from_pretrained(options.model.init_from), options.model.init_from)
     torch.manual_seed(options.train.seed)
     model = build_model(options.model, data.tokenizer.vocab_size)
-    if data.prepared.max_seq_length > model.config.max_position_embeddings:
-        raise UserError(f"{data.prepared.folder}: pairs of up to {data.prepared.max_seq_length} tokens exceed the "
+    if data.max_seq_length > model.config.max_position_embeddings:
+        raise UserError(f"{data.folder}: pairs of up to {data.max_seq_length} tokens exceed the "
                         f"model's max_position_embeddings ({model.config.max_position_embeddings})")
     train = batches_for(data.train, data.tokenizer, options.data, options.train.batch_size, options.train.seed,
                         dist.rank, dist.world_size)
