@@ -375,9 +375,9 @@ def load_corpus(source: str, split: str = "train", **dataset_options: Any) -> li
     path = Path(source)
     if source == "builtin":
         documents = builtin_corpus(split)
-    elif (path.is_dir() and not _is_saved_dataset(path)) or (path.suffix == ".txt" and path.exists()):
+    elif is_text_source(source):
         documents = _hold_out(read_text_files(path), _check_split(split))
-    elif _is_single_split_dataset(path) and split in SPLITS and not dataset_options.get("streaming"):
+    elif is_single_split_dataset(path) and split in SPLITS and not dataset_options.get("streaming"):
         documents = _hold_out(list(read_dataset(source, "train", **dataset_options)), split)
     else:
         stream = read_dataset(source, split, **dataset_options)
@@ -394,7 +394,13 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def _is_single_split_dataset(path: Path) -> bool:
+def is_text_source(source: str) -> bool:
+    """A `.txt` file or a folder of text files (not a folder written by `datasets`' save_to_disk)."""
+    path = Path(source)
+    return (path.is_dir() and not _is_saved_dataset(path)) or (path.suffix == ".txt" and path.exists())
+
+
+def is_single_split_dataset(path: Path) -> bool:
     """A local data file or a saved Dataset: one split, unlike a saved DatasetDict."""
     return (path.suffix in _DATA_FILE_BUILDERS and path.is_file()) or (path / "state.json").is_file()
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mobilebert.data import shard_work, sources
+from mobilebert.data.corpus import _text_files
 from mobilebert.data.pairs import PairSettings
 from mobilebert.errors import UserError
 from mobilebert.files import atomic_write
@@ -101,14 +102,15 @@ def _check_source(source: str) -> None:
 def _signature(source: str) -> Any:
     """Cheap identity of a source: files by size and modification time (like make), hub ids by name."""
     path = Path(source)
-    if path.exists() and not sources.is_text_source(source):  # a local data file or save_to_disk folder
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        return [source, [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
-    if not sources.is_text_source(source):
-        return source
-    from mobilebert.data.corpus import _text_files
+    if sources.is_text_source(source):
+        return _file_stats(_text_files(source))
+    if path.exists():  # a local data file or save_to_disk folder
+        return [source, _file_stats([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()))]
+    return source
 
-    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in _text_files(source)]
+
+def _file_stats(files: list[Path]) -> list[list]:
+    return [[str(f), stat.st_size, stat.st_mtime_ns] for f in files for stat in [f.stat()]]
 
 
 @dataclass

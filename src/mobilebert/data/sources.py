@@ -24,6 +24,8 @@ from mobilebert.data.corpus import (
     _text_files,
     builtin_corpus,
     dataset_texts,
+    is_single_split_dataset,
+    is_text_source,
     split_sentences,
 )
 from mobilebert.errors import UserError
@@ -146,13 +148,6 @@ def pack_documents(documents: Iterator[list[str]], shard_bytes: int, first_index
         yield shard
 
 
-def is_text_source(source: str) -> bool:
-    """A text file or a folder of them (not a folder written by `datasets`' save_to_disk)."""
-    path = Path(source)
-    saved = (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
-    return (path.is_dir() and not saved) or (path.suffix == ".txt" and path.exists())
-
-
 def dataset_records(source: str, split: str, text_field: str, group_size: int | None = None) -> Iterator[list[str]]:
     """The records of a dataset source (local file or hub id, streamed): one text each, or `group_size` texts
     (consecutive records that form one document, form "groups")."""
@@ -271,7 +266,7 @@ def _source_shards(source: str, settings: PrepareSettings, shard_bytes: int, fir
         def records(split: str) -> Iterator[list[str]]:
             return _first(dataset_records(source, split, settings.text_field, group), limit)
 
-        if settings.validation_split is None or _single_split(source):
+        if settings.validation_split is None or is_single_split_dataset(Path(source)):
             yield from pack_documents(records(settings.train_split), shard_bytes, first, BOTH, form)
         else:
             train = pack_documents(records(settings.train_split), shard_bytes, first, TRAIN, form)
@@ -293,12 +288,6 @@ def _first(documents: Iterator[list[str]], limit: int | None) -> Iterator[list[s
         if limit is not None and i >= limit:
             return
         yield document
-
-
-def _single_split(source: str) -> bool:
-    path = Path(source)
-    return (path.is_file() and path.suffix in (".parquet", ".json", ".jsonl", ".csv", ".arrow")) or \
-        (path / "state.json").is_file()
 
 
 def total_text_mb(settings: PrepareSettings) -> float | None:
