@@ -115,7 +115,7 @@ def _file_stats(files: list[Path]) -> list[list]:
 
 @dataclass
 class Progress:
-    """Counts of the work done, for the progress bar and the summary."""
+    """Counts of the work done, for the progress bar and the manifest's totals."""
 
     text_bytes: int = 0
     shards: int = 0
@@ -277,8 +277,8 @@ def _bar(total_mb: float | None, show: bool):
 
     from tqdm.auto import tqdm
 
-    return tqdm(total=total_mb, desc="prepare", unit="MB", unit_scale=False, dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 30.0, bar_format=None)
+    return tqdm(total=total_mb, desc="prepare", unit="MB", dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
 
 class _Inline:
@@ -338,16 +338,16 @@ def _finished_meta(out: Path, shard: sources.Shard) -> dict | None:
 
 
 def _write_manifest(out: Path, settings: PrepareSettings, tokenizer, request: dict, shards: list[dict]) -> dict:
-    totals: dict[str, int] = {}
+    progress = Progress()
     for meta in shards:
-        for key, value in meta["counts"].items():
-            totals[key] = totals.get(key, 0) + value
+        progress.add(meta)
+    totals = progress.counts
     if not totals.get("train_pairs"):
         raise UserError(f"corpus {', '.join(settings.corpus)} is empty: no sentence pairs in its train split "
                         "(it needs at least two documents with text)")
     manifest = {"format": FORMAT_VERSION, "request": request, "tokenizer": tokenizer.fingerprint(),
                 "vocab_size": tokenizer.vocab_size, "max_seq_length": settings.max_seq_length,
-                "text_bytes": sum(m["text_bytes"] for m in shards), "totals": totals,
+                "text_bytes": progress.text_bytes, "totals": totals,
                 "disk_bytes": sum((out / "shards" / f"{m['index']:05d}" / name).stat().st_size
                                   for m in shards for name in m["files"]),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shards": shards}
