@@ -134,11 +134,12 @@ def _resolve(options: DataOptions, out: Path, teacher: str | None) -> Path:
     tokenizer = options.tokenizer
     fingerprint = Tokenizer.from_pretrained(tokenizer).fingerprint() if tokenizer else None
     cache = Path(options.cache_dir) if options.cache_dir else out / "cache"
-    request = {**settings.identity(), "tokenizer": fingerprint}
+    identity = settings.identity()  # stats every corpus file: once
+    request = {**identity, "tokenizer": fingerprint}
     for candidate in sorted(cache.glob("prepared-*/manifest.json")) if fingerprint else []:
         if (_json(candidate) or {}).get("request") == request:  # same data, made by another run
             return candidate.parent
-    wanted = {**settings.identity(), "tokenizer": fingerprint or {"train": options.vocab_size}}
+    wanted = {**identity, "tokenizer": fingerprint or {"train": options.vocab_size}}
     key = hashlib.sha256(json.dumps(wanted, sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = cache / f"prepared-{key}"
     if not (folder / "manifest.json").is_file():
