@@ -25,7 +25,7 @@ import time
 import torch
 
 import mobilebert as mb
-from mobilebert.distill.strategies import copy_embeddings_and_heads, layer_groups, plan, set_trainable
+from mobilebert.distill.strategies import Rates, copy_embeddings_and_heads, layer_groups, plan, set_trainable
 from mobilebert.recipes.distill import Transfer, TransferOptions
 from mobilebert.report import format_table
 from mobilebert.train.optim import build_optimizer, parameter_groups
@@ -71,7 +71,7 @@ def main() -> int:
     configs["distillation (PD)"] = phases[-1]
 
     def one_step(stage) -> float:
-        set_trainable(student, stage, lower_scale=0.1)
+        set_trainable(student, stage, Rates())
         began = time.perf_counter()
         terms = transfer.sums(stage, student, batch)
         sum(terms.values()).backward()

@@ -42,5 +42,6 @@ def test_paper_student_recipe_is_the_papers():
     options = load_config(DistillOptions, ROOT / "paper" / "mobilebert-pkt.yaml")
     d = options.distill
     assert (d.student, d.strategy, d.layerwise_steps, d.pd_steps) == ("mobilebert", "pkt", 240000, 500000)
-    assert d.lower_layer_lr_scale == 0.1 and (d.fmt_mse_weight, d.fmt_mean_weight, d.fmt_var_weight) == (100, 5000, 5)
+    assert (d.current_layer_lr_scale, d.lower_layer_lr_scale) == (3.0, 0.3)
+    assert (d.fmt_mse_weight, d.fmt_mean_weight, d.fmt_var_weight) == (100, 5000, 5)
     assert (options.train.optimizer, options.train.lr, options.train.batch_size) == ("lamb", 1.5e-3, 2048)

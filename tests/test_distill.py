@@ -84,6 +84,68 @@ def test_pkt_transfers_layer_by_layer_and_resumes_mid_phase(teacher):
     for name in ("mobilebert.embeddings.word_embeddings.weight", "cls.predictions.dense.weight",
                  "mobilebert.embeddings.embedding_transformation.weight", "cls.seq_relationship.weight"):
         assert torch.equal(end_of_stage1[name], original[name]), name
+    # The student's own embedding norm (NoNorm, not copied) stays at its initial identity through stage 1 ...
+    norm = "mobilebert.embeddings.LayerNorm"
+    assert torch.equal(end_of_stage1[f"{norm}.weight"], torch.ones_like(end_of_stage1[f"{norm}.weight"]))
+    assert torch.equal(end_of_stage1[f"{norm}.bias"], torch.zeros_like(end_of_stage1[f"{norm}.bias"]))
+    # ... and trains from PD on, which starts from empty optimizer state: 5 steps into PD, every moment has 5 steps.
+    in_pd = teacher / "pkt" / "checkpoints" / "step-35"
+    assert not torch.equal(load_file(in_pd / "model.safetensors")[f"{norm}.weight"], end_of_stage1[f"{norm}.weight"])
+    state = torch.load(in_pd / "optimizer.pt", weights_only=True)["state"]
+    assert state and {int(s["step"]) for s in state.values()} == {5}
+    # Without the reset, the layers trained in stage 1 carry their step counts (and moments) into PD.
+    carried = distill(teacher, "pkt-carry", "pkt", "--distill.reset_optimizer", "false")
+    assert carried.returncode == 0, carried.stderr
+    state = torch.load(teacher / "pkt-carry" / "checkpoints" / "step-35" / "optimizer.pt", weights_only=True)
+    assert max(int(s["step"]) for s in state["state"].values()) > 5
+
+
+def test_student_trains_without_dropout_unless_asked(tmp_path):
+    """The official student has no dropout during transfer: the engine runs it in eval mode (no other difference)."""
+    from mobilebert.train.loop import Distributed, Engine, TrainOptions
+    from mobilebert.train.rundir import RunDir
+
+    model = mb.MobileBertForPreTraining(mb.preset("mobilebert-test", attention_probs_dropout_prob=0.5))
+    batch = {"input_ids": torch.randint(5, 99, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    for dropout in (False, True):
+        run = RunDir(tmp_path / str(dropout))
+        run.prepare(resume=False, overwrite=False)
+        engine = Engine(model, TrainOptions(steps=2, tensorboard=False), run, Distributed(), dropout=dropout)
+        seen = []
+
+        def loss(m, b, seen=seen):
+            seen.append(m.training)
+            runs = [m(b["input_ids"], b["attention_mask"], output_hidden_states=True).hidden_states[-1]
+                    for _ in range(2)]
+            seen.append(torch.equal(runs[0], runs[1]))  # deterministic without dropout
+            return {"x": runs[0].pow(2).sum()}
+
+        engine.step([batch], lambda b: {"x": 1}, loss)
+        assert seen == [dropout, not dropout]
+
+
+def test_recipe_pd_loss_is_the_tested_pretraining_distillation():
+    """The loss that trains the student in PD is `pretraining_distillation` on the same batch, term for term."""
+    from mobilebert.distill.losses import pretraining_distillation
+    from mobilebert.distill.strategies import plan
+    from mobilebert.recipes.distill import Transfer, TransferOptions
+
+    torch.manual_seed(0)
+    teacher = mb.MobileBertForPreTraining(mb.preset("ib-bert-demo", num_hidden_layers=2, vocab_size=99)).eval()
+    student = mb.MobileBertForPreTraining(mb.preset("mobilebert-demo", num_hidden_layers=2, vocab_size=99)).eval()
+    ids = torch.randint(5, 99, (3, 10))
+    labels = torch.full_like(ids, -100)
+    labels[0, 2], labels[1, 5], labels[1, 7], labels[2, 1] = 7, 8, 9, 10
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+             "labels": labels, "next_sentence_label": torch.tensor([0, 1, 1])}
+    transfer = Transfer(teacher, TransferOptions(alpha=0.3, temperature=2.0), [0, 1])
+    stage = plan("pkt", 2, 2, 1)[-1]
+    counts, sums = transfer.counts(stage, batch), transfer.sums(stage, student, batch)
+    recipe = sum(sums[k] / counts[k] for k in sums)
+    s, t = (m(ids, batch["attention_mask"], batch["token_type_ids"]) for m in (student, teacher))
+    reference = pretraining_distillation(s.prediction_logits, t.prediction_logits, labels, s.seq_relationship_logits,
+                                         batch["next_sentence_label"], alpha=0.3, temperature=2.0)
+    assert torch.allclose(recipe, reference.total, rtol=1e-5)
 
 
 

@@ -10,6 +10,7 @@ import mobilebert as mb
 from mobilebert.distill.strategies import (
     COPIED,
     EMBEDDING_NORM,
+    Rates,
     build_layer_map,
     check_pair,
     copy_embeddings_and_heads,
@@ -40,22 +41,57 @@ def test_plans_of_the_three_strategies():
         plan("pkt", 4, 3, 1)
 
 
-def test_pkt_rates_per_phase():
+def test_pkt_rates_per_phase_follow_the_official_background():
     stages = plan("pkt", 3, 30, 10)
     phase1 = stages[1]  # steps 10..19
+    rates = Rates(current=3.0, lower=0.3, phase_warmup=0.2, pd_warmup_steps=2)
 
     def rate(step, key):
-        return lr_factor(stage_at(stages, step), step, key, current_scale=3.0, lower_scale=0.1, phase_warmup=0.2,
-                         pd_warmup_steps=2)
+        return lr_factor(stage_at(stages, step), step, key, rates)
+
+    def background(t):  # min(ramp over 2 steps, 0.9 + 0.1·(1 − t/10)^0.5)
+        return min((t + 1) / 2, 0.9 + 0.1 * (1 - t / 10) ** 0.5)
 
     assert rate(10, 1) == pytest.approx(3.0 * 0.5)  # warm-up over the first 2 steps of the phase
-    assert rate(11, 1) == pytest.approx(3.0) and rate(19, 1) == pytest.approx(3.0)
-    assert rate(15, 0) == pytest.approx(0.1) and rate(15, EMBEDDING_NORM) == pytest.approx(0.1)
+    assert rate(11, 1) == pytest.approx(3.0 * background(1)) and rate(19, 1) == pytest.approx(3.0 * background(9))
+    assert rate(19, 1) < rate(12, 1) < 3.0 and rate(19, 1) > 3.0 * 0.9  # decays towards 0.9 within the phase
+    assert rate(15, 0) == pytest.approx(0.3 * background(5))  # finished layers: 1/10 of the current layer
     assert rate(15, 2) == 0.0 and rate(15, COPIED) == 0.0
+    assert rate(15, EMBEDDING_NORM) == 0.0  # frozen through stage 1 (official)
+    assert lr_factor(stages[1], 15, EMBEDDING_NORM, Rates(lower=0.3, freeze_embedding_norm=False)) > 0
     assert phase1.current == (1,)
     # Stage 2: everything trains, warm-up then linear decay to zero.
     assert rate(30, COPIED) == pytest.approx(0.5) and rate(31, 2) == pytest.approx(1.0)
     assert rate(39, 0) == pytest.approx(1 - 7 / 8)  # the last step of the stage; zero just after it
+    assert rate(30, EMBEDDING_NORM) == pytest.approx(0.5)
+    flat = Rates(current=1.0, phase_warmup=0.2, phase_end_factor=1.0)  # the old warm-up-then-flat schedule
+    assert lr_factor(stages[1], 19, 1, flat) == 1.0
+    with pytest.raises(UserError, match="phase_end_factor"):
+        Rates(phase_end_factor=1.5)
+
+
+def test_paper_config_rates_are_the_official_code_s():
+    """The paper recipe resolves to the current layer at 3× train.lr and finished layers at 0.3× (1/10 of it)."""
+    from pathlib import Path
+
+    from mobilebert.recipe_config import load_config
+    from mobilebert.recipes.distill import DistillOptions
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    options = load_config(DistillOptions, root / "paper" / "mobilebert-pkt.yaml")
+    rates = options.distill.rates()
+    stages = plan("pkt", 24, options.distill.layerwise_steps, options.distill.pd_steps)
+    phase = stages[5]
+    middle = phase.start + phase.steps // 2
+    background = lr_factor(phase, middle, 5, rates) / 3.0
+    assert 0.9 < background < 1.0
+    assert lr_factor(phase, middle, 5, rates) == pytest.approx(3.0 * background)
+    assert lr_factor(phase, middle, 2, rates) == pytest.approx(0.3 * background)
+    assert lr_factor(phase, middle, EMBEDDING_NORM, rates) == 0.0
+    assert (rates.phase_warmup, rates.phase_end_factor, rates.phase_decay_power) == (0.1, 0.9, 0.5)
+    d, train = options.distill, options.train
+    assert d.reset_optimizer and not d.student_dropout and d.freeze_embedding_norm
+    assert (train.optimizer, train.bias_correction) == ("lamb", False)
 
 
 def test_group_keys_and_trainable_sets():
@@ -65,13 +101,16 @@ def test_group_keys_and_trainable_sets():
     assert keys["mobilebert.embeddings.norm.weight"] == EMBEDDING_NORM
     assert keys["mobilebert.embeddings.word.weight"] == COPIED and keys["mlm.extra_columns"] == COPIED
     stages = plan("pkt", 3, 30, 10)
-    set_trainable(student, stages[1], lower_scale=0.0)
+    set_trainable(student, stages[1], Rates(lower=0.0))
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
     assert trainable == {n for n, k in keys.items() if k == 1}
-    set_trainable(student, stages[2], lower_scale=0.1)
+    set_trainable(student, stages[2], Rates(lower=0.3))
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, k in keys.items() if k in (0, 1, 2, EMBEDDING_NORM)}
-    set_trainable(student, stages[-1], lower_scale=0.1)
+    assert trainable == {n for n, k in keys.items() if k in (0, 1, 2)}
+    set_trainable(student, stages[0], Rates(freeze_embedding_norm=False))
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, k in keys.items() if k in (0, EMBEDDING_NORM)}
+    set_trainable(student, stages[-1], Rates())
     assert all(p.requires_grad for p in student.parameters())
     groups = layer_groups(parameter_groups(student, 0.01))
     assert {g["key"] for g in groups} == {COPIED, EMBEDDING_NORM, 0, 1, 2}
@@ -106,7 +145,7 @@ def test_copied_parameters_equal_the_teachers_and_stay_frozen_in_a_phase():
     assert "mobilebert.embeddings.word.weight" in copied and "nsp.weight" in copied
     assert "mobilebert.embeddings.norm.weight" not in copied  # NoNorm vs LayerNorm
     stages = plan("pkt", 2, 4, 0)
-    set_trainable(student, stages[0], lower_scale=0.1)
+    set_trainable(student, stages[0], Rates(freeze_embedding_norm=False))
     groups = layer_groups(parameter_groups(student, 0.01))
     optimizer = torch.optim.AdamW(groups, lr=1e-2)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}

@@ -1,13 +1,16 @@
-"""Knowledge-transfer strategies as a plan of stages (MOBILEBERT.md §4; paper §3.5).
+"""Knowledge-transfer strategies as a plan of stages (docs/distillation.md; paper §3.5).
 
     AKT  one stage: every layer's transfer losses + pre-training distillation (PD), all parameters trained.
     JKT  stage 1: every layer's transfer losses together; stage 2: PD.
-    PKT  stage 1: one phase per layer l, only layer l's losses; layer l at the full rate (warm-up over the first
-         10% of the phase), lower layers frozen or at a reduced rate, higher layers untouched and not even
-         computed; stage 2: PD.
+    PKT  stage 1: one phase per layer l, only layer l's losses; layer l at 3× the base rate, lower layers at 0.3×
+         (or frozen), higher layers untouched and not even computed; stage 2: PD.
 
-For JKT and PKT the student's embeddings and MLM/NSP heads are copied from the teacher and frozen during stage 1
-(the embedding norm is not copied: NoNorm and LayerNorm differ; it trains with layer 0).
+Rates follow the official TF1 code (`distill_util.layer_wise_learning_rate`, `get_background_lr`): within each
+layer-wise phase every trained layer's rate is scaled by a background min(ramp over the first 10% of the phase,
+0.9 + 0.1·(1 − t/S)^0.5), so it warms up and then decays to 0.9 by the end of the phase. For JKT and PKT the
+student's embeddings and MLM/NSP heads are copied from the teacher and frozen during stage 1; the student's own
+embedding norm (NoNorm and LayerNorm differ, so it is not copied) stays at its initial identity then too (the
+official code gives everything outside the encoder layers rate 0), and trains from PD on.
 
 Everything here is a pure function of the global step, so a run resumes exactly mid-phase.
 """
@@ -26,7 +29,29 @@ from mobilebert.train.optim import lr_factor as schedule_factor
 
 STRATEGIES = ("pkt", "jkt", "akt")
 COPIED = -2  # group key of the parameters copied from the teacher (embedding tables, projection, heads)
-EMBEDDING_NORM = -1  # the student's own embedding norm: trains with layer 0
+EMBEDDING_NORM = -1  # the student's own embedding norm: frozen in stage 1 (official) or trained with layer 0
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Learning-rate multipliers of knowledge transfer, times train.lr. The defaults are the official code's."""
+
+    current: float = 3.0  # the layer(s) being transferred
+    lower: float = 0.3  # PKT: layers below the current one (official 3 × 0.1); 0 freezes them
+    phase_warmup: float = 0.1  # warm-up over this fraction of each layer-wise phase
+    phase_end_factor: float = 0.9  # ... then decay to this factor by the phase's end (1.0: flat)
+    phase_decay_power: float = 0.5
+    pd_warmup_steps: int = 30  # PD: warm-up, then linear decay to 0 over the stage
+    freeze_embedding_norm: bool = True  # keep the student's embedding norm at its initial value in stage 1
+
+    def __post_init__(self) -> None:
+        if self.current < 0 or self.lower < 0:
+            raise UserError(f"layer rates must be >= 0, got current {self.current}, lower {self.lower}")
+        if not 0 <= self.phase_warmup <= 1:
+            raise UserError(f"phase_warmup must lie in [0, 1], got {self.phase_warmup}")
+        if not 0 <= self.phase_end_factor <= 1 or self.phase_decay_power <= 0:
+            raise UserError(f"phase_end_factor must lie in [0, 1] and phase_decay_power be > 0, got "
+                            f"{self.phase_end_factor} and {self.phase_decay_power}")
 
 
 @dataclass(frozen=True)
@@ -86,34 +111,46 @@ def group_key(name: str) -> int:
     return EMBEDDING_NORM if ".embeddings.norm." in f".{name}" else COPIED
 
 
-def lr_factor(stage: Stage, step: int, key: int, current_scale: float, lower_scale: float, phase_warmup: float,
-              pd_warmup_steps: int) -> float:
+def phase_background(t: int, steps: int, rates: Rates) -> float:
+    """The official per-phase background at 0-based step `t` of a `steps`-long phase: min(warm-up ramp,
+    end + (1 − end)·(1 − t/steps)^power). The ramp is (t + 1)/warm-up steps, so the first step already moves (the
+    official 10·t/S spends step 0 at rate 0)."""
+    warmup = max(1, round(rates.phase_warmup * steps))
+    ramp = min(1.0, (t + 1) / warmup)
+    decay = rates.phase_end_factor + (1 - rates.phase_end_factor) * (1 - t / steps) ** rates.phase_decay_power
+    return min(ramp, decay)
+
+
+def _frozen_in_stage1(key: int, rates: Rates) -> bool:
+    return key == COPIED or (key == EMBEDDING_NORM and rates.freeze_embedding_norm)
+
+
+def lr_factor(stage: Stage, step: int, key: int, rates: Rates = Rates()) -> float:
     """Learning-rate multiplier of parameter group `key` at global `step` (0 means frozen this stage)."""
-    layer = 0 if key == EMBEDDING_NORM else key
     if stage.pd:  # PD (and AKT): every parameter, warm-up then linear decay to zero over the stage
-        return schedule_factor(step - stage.start, stage.steps, min(pd_warmup_steps, stage.steps), "linear")
-    if key == COPIED:
+        return schedule_factor(step - stage.start, stage.steps, min(rates.pd_warmup_steps, stage.steps), "linear")
+    if stage.copied_frozen and _frozen_in_stage1(key, rates):
         return 0.0
-    warmup = max(1, round(phase_warmup * stage.steps))
-    ramp = min(1.0, (step - stage.start + 1) / warmup)  # warm-up over the first part of each phase, then flat
+    layer = 0 if key == EMBEDDING_NORM else key
+    background = phase_background(step - stage.start, stage.steps, rates)
     if layer in stage.current:
-        return current_scale * ramp
+        return rates.current * background
     if layer in stage.lower:
-        return lower_scale * ramp
+        return rates.lower * background
     return 0.0
 
 
-def set_trainable(student: nn.Module, stage: Stage, lower_scale: float) -> None:
+def set_trainable(student: nn.Module, stage: Stage, rates: Rates = Rates()) -> None:
     """Freeze what the stage does not train, so no gradient is computed for it."""
     for name, p in student.named_parameters():
         key = group_key(name)
         layer = 0 if key == EMBEDDING_NORM else key
-        if stage.pd:
+        if stage.pd or not stage.copied_frozen and key == COPIED:
             p.requires_grad_(True)
-        elif key == COPIED:
-            p.requires_grad_(not stage.copied_frozen)
+        elif stage.copied_frozen and _frozen_in_stage1(key, rates):
+            p.requires_grad_(False)
         else:
-            p.requires_grad_(layer in stage.current or (layer in stage.lower and lower_scale > 0))
+            p.requires_grad_(layer in stage.current or (layer in stage.lower and rates.lower > 0))
 
 
 def layer_groups(groups: list[dict]) -> list[dict]:

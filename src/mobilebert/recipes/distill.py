@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mobilebert.config import preset
 from mobilebert.data.pretraining import IGNORE_INDEX, batch_stream
@@ -28,8 +27,9 @@ from mobilebert.data.training import (
     prepare_data,
     write_record,
 )
-from mobilebert.distill.losses import FMTWeights, kd_cross_entropy, layer_losses
+from mobilebert.distill.losses import FMTWeights, layer_losses, pretraining_distillation
 from mobilebert.distill.strategies import (
+    Rates,
     Stage,
     build_layer_map,
     check_pair,
@@ -51,6 +51,8 @@ from mobilebert.train.pretraining import evaluate_pretraining
 
 @dataclass
 class TransferOptions:
+    """What to transfer and how; the defaults are the official code's recipe (docs/distillation.md)."""
+
     teacher: str | None = None  # pre-trained teacher checkpoint folder (transformers format, with tokenizer)
     student: str = "mobilebert-demo"  # student preset
     student_overrides: dict[str, Any] = field(default_factory=dict)
@@ -58,10 +60,16 @@ class TransferOptions:
     layer_map: str | list[int] = "same"  # same | uniform | [teacher layer per student layer]
     layerwise_steps: int = 600  # stage 1 in all (PKT: split evenly over the layers)
     pd_steps: int = 300  # stage 2: pre-training distillation
-    current_layer_lr_scale: float = 1.0  # PKT/JKT: rate of the layer(s) being transferred, times train.lr
-    lower_layer_lr_scale: float = 0.1  # PKT: rate of the layers below (official 1/10); 0 freezes them
-    phase_warmup: float = 0.1  # warm-up over this fraction of each phase
+    current_layer_lr_scale: float = 3.0  # PKT/JKT: rate of the layer(s) being transferred, times train.lr
+    lower_layer_lr_scale: float = 0.3  # PKT: rate of the layers below (official 3 × 1/10); 0 freezes them
+    phase_warmup: float = 0.1  # warm-up over this fraction of each layer-wise phase ...
+    phase_end_factor: float = 0.9  # ... then decay (power phase_decay_power) to this factor; 1.0 keeps it flat
+    phase_decay_power: float = 0.5
     pd_warmup_steps: int = 30
+    freeze_embedding_norm: bool = True  # the student's embedding norm stays at its initial value in stage 1
+    reset_optimizer: bool = True  # PD starts from empty optimizer state, as a new run would
+    student_dropout: bool = False  # dropout in the student during transfer (the official code has none)
+    layer_weight: float | None = None  # weight of the layer-wise terms (FMT + AT); None: 1 / student layers
     fmt: str = "official"  # official (normalised MSE + mean + variance terms) | mse
     fmt_mse_weight: float = 100.0
     fmt_mean_weight: float = 5000.0
@@ -75,6 +83,13 @@ class TransferOptions:
             raise UserError(f"distill.fmt must be 'official' or 'mse', got {self.fmt!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+        if self.layer_weight is not None and self.layer_weight < 0:
+            raise UserError(f"distill.layer_weight must be >= 0, got {self.layer_weight}")
+        self.rates()  # checks the schedule's options
+
+    def rates(self) -> Rates:
+        return Rates(self.current_layer_lr_scale, self.lower_layer_lr_scale, self.phase_warmup,
+                     self.phase_end_factor, self.phase_decay_power, self.pd_warmup_steps, self.freeze_embedding_norm)
 
 
 @dataclass
@@ -86,11 +101,17 @@ class DistillOptions:
 
 
 class Transfer:
-    """The loss terms of one stage, as the engine wants them: per-term counts, then per-term sums."""
+    """The loss terms of one stage, as the engine wants them: per-term counts, then per-term sums.
+
+    The layer-wise terms (FMT and AT of each transferred layer) are weighted by `layer_weight`, by default
+    1 / number of student layers as in the official code (its layer-wise loss is the mean over layers, and the
+    one layer of a PKT phase counts 1/L). That weight is also AKT's balance between the layer terms and PD.
+    """
 
     def __init__(self, teacher: MobileBertForPreTraining, options: TransferOptions, layer_map: list[int]) -> None:
         self.teacher, self.options, self.layer_map = teacher, options, layer_map
         self.fmt_weights = FMTWeights(options.fmt_mse_weight, options.fmt_mean_weight, options.fmt_var_weight)
+        self.layer_weight = 1 / len(layer_map) if options.layer_weight is None else options.layer_weight
 
     def counts(self, stage: Stage, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         tokens = int(batch["attention_mask"].sum())
@@ -128,16 +149,16 @@ class Transfer:
         losses = layer_losses(mapped, s.hidden_states, t_scores, s.attention_scores, mask, stage.transfer_layers,
                               self.fmt_weights, self.options.at_weight, plain_mse=self.options.fmt == "mse")
         tokens = mask.sum()
-        return {name: value * tokens for name, value in losses.terms.items()}  # per-token means → sums
+        return {name: value * (self.layer_weight * tokens) for name, value in losses.terms.items()}  # means → sums
 
     def _pd(self, s, t, batch) -> dict[str, torch.Tensor]:
-        masked = batch["labels"][batch["labels"] != IGNORE_INDEX]
+        """`pretraining_distillation`'s three terms as sums (its means times their counts), weighted as in its total."""
+        masked = batch["labels"][batch["labels"] != IGNORE_INDEX]  # (N,): the logits are the masked rows only
         a = self.options.alpha
-        return {"mlm": a * F.cross_entropy(s.prediction_logits.float(), masked, reduction="sum"),
-                "kd": (1 - a) * kd_cross_entropy(s.prediction_logits, t.prediction_logits,
-                                                 self.options.temperature) * len(masked),
-                "nsp": F.cross_entropy(s.seq_relationship_logits.float(), batch["next_sentence_label"],
-                                       reduction="sum")}
+        pd = pretraining_distillation(s.prediction_logits, t.prediction_logits, masked, s.seq_relationship_logits,
+                                      batch["next_sentence_label"], alpha=a, temperature=self.options.temperature)
+        return {"mlm": a * pd.mlm * len(masked), "kd": (1 - a) * pd.kd * len(masked),
+                "nsp": pd.nsp * len(batch["next_sentence_label"])}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -172,9 +193,10 @@ def main(args: argparse.Namespace) -> int:
         copy_embeddings_and_heads(teacher, student)
     teacher.to(dist.device).eval().requires_grad_(False)
 
+    rates = transfer.rates()
+
     def schedule(step: int, group: dict) -> float:
-        return lr_factor(stage_at(stages, step), step, group["key"], transfer.current_layer_lr_scale,
-                         transfer.lower_layer_lr_scale, transfer.phase_warmup, transfer.pd_warmup_steps)
+        return lr_factor(stage_at(stages, step), step, group["key"], rates)
 
     train = batches_for(data.train, data.tokenizer, options.data, options.train.batch_size, options.train.seed,
                         dist.rank, dist.world_size)
@@ -183,6 +205,7 @@ def main(args: argparse.Namespace) -> int:
                                     / options.data.eval_batch_size)) if len(data.validation) else 0
     engine = Engine(student, options.train, run, dist, tokenizer=data.tokenizer, lr_lambda=schedule,
                     groups=layer_groups(parameter_groups(student, options.train.weight_decay)), partial_graph=True,
+                    dropout=transfer.student_dropout,
                     evaluate=(lambda: evaluate_pretraining(student, validation, eval_batches, dist.device))
                     if eval_batches else None)
     losses = Transfer(teacher, transfer, layer_map)
@@ -195,7 +218,9 @@ def main(args: argparse.Namespace) -> int:
                                       resume=args.resume):
         stage = stage_at(stages, step)
         if stage != current:
-            set_trainable(student, stage, transfer.lower_layer_lr_scale)
+            set_trainable(student, stage, rates)
+            if transfer.reset_optimizer and stage.name == "distillation" and step == stage.start:
+                engine.reset_optimizer_state()  # the official codes start PD as a new run: no moments, step 1
             current = stage
         engine.step(micro_batches(batch, options.train.micro_batch_size),
                     lambda b, s=stage: losses.counts(s, b), lambda m, b, s=stage: losses.sums(s, m, b))

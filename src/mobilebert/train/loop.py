@@ -53,6 +53,7 @@ class TrainOptions:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-6
+    bias_correction: bool = True  # LAMB's Adam bias correction; the official MobileBERT/BERT code has none (false)
     clip_grad_norm: float = 1.0  # 0 disables
     precision: str = "fp32"  # fp32 | bf16 (autocast); fp16 overflows on MobileBERT
     device: str = "auto"  # auto | cpu | cuda
@@ -141,17 +142,20 @@ class Engine:
     def __init__(self, model: nn.Module, options: TrainOptions, run: RunDir, dist: Distributed,
                  groups: list[dict] | None = None, evaluate: Callable[[], dict[str, float]] | None = None,
                  tokenizer: Any = None, lr_lambda: Callable[[int, dict], float] | None = None,
-                 partial_graph: bool = False) -> None:
+                 partial_graph: bool = False, dropout: bool = True) -> None:
         """`groups`: optimizer parameter groups (default: decay / no-decay). `lr_lambda(step, group)`: a
         per-group learning-rate factor replacing the options' schedule. `partial_graph`: some parameters get no
-        gradient in some steps (frozen or not computed), which DDP must be told."""
+        gradient in some steps (frozen or not computed), which DDP must be told. `dropout=False` trains with the
+        model in eval mode (no dropout; MobileBERT has no other train/eval difference)."""
         self.options, self.run, self.dist, self.tokenizer = options, run, dist, tokenizer
+        self.dropout = dropout
         self.model = model.to(dist.device)
         self.ddp = nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=partial_graph) \
             if dist.world_size > 1 else None
         groups = groups if groups is not None else parameter_groups(self.model, options.weight_decay)
         self.optimizer = build_optimizer(options.optimizer, groups, lr=options.lr,
-                                         betas=(options.beta1, options.beta2), eps=options.eps)
+                                         betas=(options.beta1, options.beta2), eps=options.eps,
+                                         bias_correction=options.bias_correction)
         if lr_lambda is None:
             self.scheduler = build_scheduler(self.optimizer, options.steps, options.warmup_steps, options.decay,
                                              options.decay_power, options.end_factor)
@@ -228,7 +232,7 @@ class Engine:
     def step(self, micro: list[Batch], count_fn: Callable[[Batch], dict[str, int]],
              loss_fn: Callable[[nn.Module, Batch], dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step over this process's micro-batches; returns the global mean of every loss term."""
-        self.model.train()
+        self.model.train(self.dropout)
         counts = self._global_counts(micro, count_fn)
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro):
@@ -254,6 +258,10 @@ class Engine:
         self.last = {"loss": sum(means.values()), **means, "lr": max(g["lr"] for g in self.optimizer.param_groups),
                      "grad_norm": grad_norm, "tokens": counts.get("tokens", 0)}
         return means
+
+    def reset_optimizer_state(self) -> None:
+        """Forget every parameter's optimizer state (moments, step counts), as a new run would start with."""
+        self.optimizer.state.clear()
 
     def _global_counts(self, micro: list[Batch], count_fn) -> dict[str, int]:
         local: dict[str, int] = {}

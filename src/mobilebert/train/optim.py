@@ -206,17 +206,20 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr: float | None = N
 
 
 def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-6) -> torch.optim.Optimizer:
+                    eps: float = 1e-6, bias_correction: bool = True) -> torch.optim.Optimizer:
     """The optimizer called `name` ("lamb", "adamw" or "sgd") over `groups` (as from `parameter_groups`).
 
     Per-group keys (weight_decay, lr, adapt, names, lr_scale) are kept; the default weight decay is 0 for all three,
     so a group without the key is not decayed (AdamW's own default of 0.01 would silently decay norms).
-    AdamW ignores `adapt`. The group dicts are copied, so `groups` is not modified.
+    AdamW ignores `adapt`. The group dicts are copied, so `groups` is not modified. `bias_correction=False` (the
+    official MobileBERT LAMB) exists for LAMB only: torch's AdamW always corrects.
     """
     groups = [dict(g) for g in groups]
     key = name.lower()
+    if not bias_correction and key != "lamb":
+        raise UserError(f"train.bias_correction false is available with the lamb optimizer only, not {name!r}")
     if key == "lamb":
-        return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+        return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0, bias_correction=bias_correction)
     if key == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
     if key == "sgd":
