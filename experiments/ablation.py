@@ -31,8 +31,14 @@ STRATEGIES = ("pkt", "jkt", "akt", "none")
 LABELS = {"pkt": "PKT", "jkt": "JKT", "akt": "AKT", "none": "no distillation"}
 
 
+def label(key: str) -> str:
+    """A results key, `strategy` or `strategy@Nx` (N times the layer-wise budget), as a table row name."""
+    strategy, _, budget = key.partition("@")
+    return LABELS[strategy] + (f" ({budget} layer-wise)" if budget else "")
+
+
 def summarise(runs: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], list[list[str]], dict]:
-    """Mean ± std over seeds of every column, per strategy."""
+    """Mean ± std over seeds of every column, per strategy (and budget)."""
     columns = ["mlm_accuracy", "nsp_accuracy", *tasks]
     stats: dict[str, dict[str, tuple[float, float]]] = {}
     for strategy, seeds in runs.items():
@@ -43,7 +49,7 @@ def summarise(runs: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str],
             stats[strategy][column] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
     metric_of = {t: runs[next(iter(runs))][0]["tasks"][t]["main_metric"] for t in tasks}
     header = ["student", "held-out MLM acc", "NSP acc", *[f"{t} ({metric_of[t]})" for t in tasks]]
-    rows = [[LABELS[s], *[f"{m:.3f} ± {sd:.3f}" for m, sd in (stats[s][c] for c in columns)]] for s in stats]
+    rows = [[label(s), *[f"{m:.3f} ± {sd:.3f}" for m, sd in (stats[s][c] for c in columns)]] for s in stats]
     return header, rows, stats
 
 
@@ -55,14 +61,17 @@ def plot(stats: dict, tasks: list[str], path: Path, title: str) -> None:
 
     columns = ["mlm_accuracy", *tasks]
     names = ["held-out MLM acc", *tasks]
-    fig, axes = plt.subplots(1, len(columns), figsize=(3.0 * len(columns), 3.4))
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.0 * len(columns) + 0.4 * len(stats), 3.6))
     colours = {"pkt": "#4c72b0", "jkt": "#55a868", "akt": "#dd8452", "none": "#8c8c8c"}
     for ax, column, name in zip(axes, columns, names, strict=True):
         strategies = list(stats)
         means = [stats[s][column][0] for s in strategies]
         errors = [stats[s][column][1] for s in strategies]
-        ax.bar(range(len(strategies)), means, yerr=errors, capsize=3, color=[colours[s] for s in strategies])
-        ax.set_xticks(range(len(strategies)), [LABELS[s].replace("no distillation", "none") for s in strategies])
+        ax.bar(range(len(strategies)), means, yerr=errors, capsize=3,
+               color=[colours[s.partition("@")[0]] for s in strategies],
+               hatch=[("//" if "@" in s else "") for s in strategies])
+        ax.set_xticks(range(len(strategies)), [label(s).replace("no distillation", "none").replace(" layer-wise", "")
+                                               for s in strategies], rotation=45, ha="right", fontsize=8)
         ax.set_title(name, fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -77,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/ablation", help="folder for the runs and the results")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--budgets", nargs="+", type=int, default=[1],
+                        help="multiples of the layer-wise steps to run (the undistilled student gets the same total)")
     parser.add_argument("--student", default=plan.student_preset, help="student preset")
     parser.add_argument("--layerwise-steps", type=int, default=plan.layerwise_steps)
     parser.add_argument("--pd-steps", type=int, default=plan.pd_steps)
@@ -99,21 +110,25 @@ def main(argv: list[str] | None = None) -> int:
                                pd_steps=args.pd_steps, max_seq_length=args.max_seq_length, task_train=args.task_train,
                                task_dev=args.task_dev, epochs=args.epochs)
     tasks = write_builtin_tasks(out / "tasks", BuiltinSizes(plan.task_train, plan.task_dev))
-    runs = [(strategy, seed, f"{strategy}-seed{seed}") for strategy in args.strategies for seed in args.seeds]
+    # (results key, seed, run name, budget): budget 1 keeps the names of earlier single-budget ablations.
+    runs = [(strategy if b == 1 else f"{strategy}@{b}x", seed, f"{strategy}-seed{seed}" if b == 1 else
+             f"{strategy}-x{b}-seed{seed}", b) for b in args.budgets for strategy in args.strategies
+            for seed in args.seeds]
 
-    def student(strategy: str, seed: int):
+    def student(key: str, seed: int, budget: int):
         extra = ("--train.seed", str(seed))
-        if strategy == "none":
-            return partial(scratch_work, plan, args.teacher, out / "cache", extra=extra)
-        return partial(student_work, plan, args.teacher, out / "cache", strategy=strategy, extra=extra)
+        sized = dataclasses.replace(plan, layerwise_steps=plan.layerwise_steps * budget)
+        if key.startswith("none"):
+            return partial(scratch_work, sized, args.teacher, out / "cache", extra=extra)
+        return partial(student_work, sized, args.teacher, out / "cache", strategy=key.partition("@")[0], extra=extra)
 
-    students = run_stages(out, [(name, student(strategy, seed)) for strategy, seed, name in runs], args.workers)
+    students = run_stages(out, [(name, student(key, seed, b)) for key, seed, name, b in runs], args.workers)
     tuned = run_stages(out, [(f"{name}-finetune/{task}", partial(finetune_work, plan, students[name]["model"], tasks,
                                                                  task, extra=("--search.seeds", f"[{seed}]")))
-                             for _, seed, name in runs for task in args.tasks], args.workers)
+                             for _, seed, name, _ in runs for task in args.tasks], args.workers)
     results: dict[str, list[dict]] = {}
-    for strategy, _, name in runs:
-        results.setdefault(strategy, []).append({
+    for key, _, name, _ in runs:
+        results.setdefault(key, []).append({
             "model": students[name]["model"], "pretraining": final_validation(out / name),
             "tasks": {task: tuned[f"{name}-finetune/{task}"] for task in args.tasks}})
 
@@ -121,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     from mobilebert.report import format_table
 
     steps = f"{args.layerwise_steps} layer-wise + {args.pd_steps} PD steps (no distillation: " \
-            f"{args.layerwise_steps + args.pd_steps} MLM+NSP steps)"
+            f"{args.layerwise_steps + args.pd_steps} MLM+NSP steps)" + \
+        "".join(f"; {b}x: {b * args.layerwise_steps} layer-wise steps" for b in args.budgets if b != 1)
     conditions = (f"teacher {args.teacher}; student {args.student}; {steps}; seeds {args.seeds}; fine-tuning "
                   f"{args.epochs:g} epochs on {args.task_train} examples per task, dev {args.task_dev}")
     table = format_table(header, rows)

@@ -37,3 +37,11 @@ def test_summary_is_mean_and_std_over_seeds_per_strategy(ablation, tmp_path):
 def test_without_a_teacher_it_says_what_to_run_and_exits_2(ablation, tmp_path, capsys):
     assert ablation.main(["--teacher", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 2
     assert "no teacher checkpoint" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_budget_axis_rows_are_named_by_strategy_and_budget(ablation, tmp_path):
+    runs = {"pkt": [_run(0.30, 0.6, 30.0)], "pkt@4x": [_run(0.34, 0.7, 40.0)], "none@4x": [_run(0.1, 0.2, 5.0)]}
+    header, rows, stats = ablation.summarise(runs, ["builtin-order", "builtin-qa"])
+    assert [r[0] for r in rows] == ["PKT", "PKT (4x layer-wise)", "no distillation (4x layer-wise)"]
+    ablation.plot(stats, ["builtin-order", "builtin-qa"], tmp_path / "b.png", "title")
+    assert (tmp_path / "b.png").stat().st_size > 0

@@ -66,10 +66,9 @@ def deploy_stage(plan, out: Path) -> Callable[[Path], dict]:
 def bench_stage(plan, out: Path) -> Callable[[Path], dict]:
     def work(folder: Path) -> dict:
         from mobilebert.config import preset
-        from mobilebert.deploy.bench import DEFAULT_BACKENDS, plot, run_bench
+        from mobilebert.deploy.bench import plot, run_bench
 
-        backends = [name for name in DEFAULT_BACKENDS if name not in plan.bench_skip]  # quick: nothing to compile
-        report = run_bench(preset(plan.bench_preset), backends, threads=2, batch=1,
+        report = run_bench(preset(plan.bench_preset), list(plan.bench_backends), threads=2, batch=1,
                            seq=min(128, preset(plan.bench_preset).max_position_embeddings), warmup=2,
                            repetitions=plan.bench_repetitions, memory=plan.bench_memory)
         atomic_write(folder / "bench.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
@@ -236,8 +235,9 @@ def _speed(out: Path, plots: Path) -> str:
     deploy = json.loads((out / "deploy" / "stage.json").read_text())["tasks"]
     sizes = [[t, f"{d['fp32_bytes'] / 1e6:.2f}", f"{d['int8_bytes'] / 1e6:.2f}",
               f"{d['fp32_bytes'] / d['int8_bytes']:.1f}×"] for t, d in deploy.items()]
-    return ("## Speed\n\nLatency of one sequence, every backend on the same weights, interleaved repetitions "
-            f"(preset `{json.loads((out / 'bench' / 'stage.json').read_text())['preset']}`).\n\n"
+    return ("## Speed\n\nLatency of one sequence, a few backends on the same weights, interleaved repetitions "
+            f"(preset `{json.loads((out / 'bench' / 'stage.json').read_text())['preset']}`; every backend: "
+            "`mobilebert bench`).\n\n"
             + format_results(report) + "\n\n![bench](report/bench.png)\n\nONNX model sizes of the distilled "
             "student's task models:\n\n" + format_table(["task", "fp32 MB", "int8 MB", "smaller"], sizes))
 
