@@ -3,7 +3,7 @@
 Every candidate holds the same weights (transformers loads them from our checkpoint: `save_pretrained`, then
 `transformers.MobileBertModel.from_pretrained`) and gets the same fresh random inputs in each repetition; outputs are
 checked against our eager model before anything is timed. Repetitions are interleaved, the order rotating each time,
-so machine drift hits every candidate alike (BENCHMARKING.md). Prints a table, then one JSON line.
+so machine drift hits every candidate alike (docs/benchmarks.md). Prints a table, then one JSON line.
 
 Candidates: transformers eager (its default attention, SDPA), ours eager, optimized, and optimized under
 `torch.jit.trace` (the same aten ops without Python between them; returns the last hidden state only; deprecated
@@ -15,7 +15,7 @@ torch.compile with inductor's weight freezing; under a minute to compile on 2 co
     python benchmarks/optimize_speed.py --threads 1 --clock cpu     # a shared, busy machine: CPU time of 1 thread
 
 Wall time is what users see; on a machine shared with other jobs, 2-thread wall times mostly measure waiting for a
-descheduled thread at every op's barrier (BENCHMARKING.md). `--clock cpu` times process CPU time instead, which
+descheduled thread at every op's barrier (docs/benchmarks.md). `--clock cpu` times process CPU time instead, which
 other processes' load hardly touches; it is meaningful with `--threads 1` only (with 2 threads it counts spinning).
 """
 

@@ -1,12 +1,12 @@
 """Cost of a knowledge-transfer step in each PKT phase, against a naive step that runs every layer of both models.
 
 In PKT phase l only the layers 0..l of student and teacher are computed and only the student's layers that
-train get gradients (`mobilebert distill`, MOBILEBERT.md §4), so phase 0 should cost a fraction of the last phase.
+train get gradients (`mobilebert distill`, docs/distillation.md), so phase 0 should cost a fraction of the last phase.
 A naive implementation runs both models to the top in every phase; JKT's layer-wise stage and the PD stage must.
 
 Each timed step is the real one: `Transfer.sums` (student forward with hidden states and attention scores, teacher
 forward without gradients, feature-map and attention losses), backward, optimizer step. Configurations are
-interleaved round by round so machine drift hits all alike (BENCHMARKING.md); medians are reported, with each
+interleaved round by round so machine drift hits all alike (docs/benchmarks.md); medians are reported, with each
 phase's time as a share of the naive step. Prints a table, writes a plot (--plot), prints one JSON line last.
 
     python benchmarks/pkt_phase_cost.py --threads 2

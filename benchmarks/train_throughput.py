@@ -2,7 +2,7 @@
 
 Both sides train identical copies of one model on the same batches with the same LAMB optimizer, schedule and
 gradient clipping; steps are interleaved (engine, bare, engine, bare, ...) so machine drift hits both alike
-(BENCHMARKING.md). Prints a table, then one JSON line.
+(docs/benchmarks.md). Prints a table, then one JSON line.
 
     python benchmarks/train_throughput.py --presets mobilebert-demo ib-bert-demo --threads 2
     python benchmarks/train_throughput.py --presets mobilebert ib-bert-large --batch 8 --steps 4

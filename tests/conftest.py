@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-# Tiny versions of the four architectures in transformers' field names (MOBILEBERT.md §2).
+# Tiny versions of the four architectures in transformers' field names (docs/models.md).
 TINY = dict(vocab_size=99, hidden_size=32, embedding_size=16, intra_bottleneck_size=16, num_hidden_layers=3,
             num_attention_heads=2, intermediate_size=24, num_feedforward_networks=2, max_position_embeddings=64)
 VARIANTS = {

@@ -1,4 +1,4 @@
-"""Config validation, presets and their sizes against MOBILEBERT.md §2."""
+"""Config validation, presets and their sizes against docs/models.md."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_parameter_count_formula_matches_the_built_model(name):
 
 
 def test_flops_match_the_benchmarking_figure():
-    # BENCHMARKING.md: MobileBERT at 1×128 is 5.39 GFLOP; MobileBERT-TINY in the paper ~3.1B.
+    # docs/benchmarks.md: MobileBERT at 1×128 is 5.39 GFLOP; MobileBERT-TINY in the paper ~3.1B.
     assert mb.count_flops(mb.preset("mobilebert"), 128) / 1e9 == pytest.approx(5.39, abs=0.005)
     assert mb.count_flops(mb.preset("mobilebert-tiny"), 128) / 1e9 == pytest.approx(3.1, abs=0.05)
 

@@ -1,4 +1,4 @@
-"""Knowledge-transfer losses (MOBILEBERT.md §3): zero for identical inputs, tiny cases by hand, padding ignored."""
+"""Knowledge-transfer losses (docs/distillation.md): zero for identical inputs, tiny cases by hand, padding ignored."""
 
 from __future__ import annotations
 

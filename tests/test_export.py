@@ -1,4 +1,4 @@
-"""ONNX export, int8 quantization and the `export` command, on tiny random models (MOBILEBERT.md §5).
+"""ONNX export, int8 quantization and the `export` command, on tiny random models (docs/deployment.md).
 
 Parity is relative (max |ONNX − eager| / max |eager|) because MobileBERT's activations reach 1e8.
 """

@@ -1,4 +1,4 @@
-"""Parity with transformers' MobileBERT on tiny random models, both ways (DESIGN.md §1, issue: model family)."""
+"""Parity with transformers' MobileBERT on tiny random models, both ways (docs/models.md, issue: model family)."""
 
 from __future__ import annotations
 

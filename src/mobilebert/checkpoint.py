@@ -1,4 +1,4 @@
-"""Checkpoints in transformers' MobileBERT format, both ways (DESIGN.md §1).
+"""Checkpoints in transformers' MobileBERT format, both ways (docs/models.md).
 
 A checkpoint is a directory: `config.json` (transformers' fields, `model_type: mobilebert`), `model.safetensors`
 with transformers' parameter names, and tokenizer files when a tokenizer is attached. Legacy `pytorch_model.bin`

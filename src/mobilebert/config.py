@@ -1,7 +1,7 @@
 """`MobileBertConfig`, the named presets, and the mapping to transformers' `config.json`.
 
 Field names are transformers' own (so a `config.json` reads and writes without a rename table). How the widths map
-to the paper (MOBILEBERT.md §2):
+to the paper (docs/models.md):
 
     embedding_size          E  token-embedding width (128)
     hidden_size             D  inter-block width: block input and output, the feature map (512)
@@ -155,7 +155,7 @@ class MobileBertConfig:
             raise UserError(f"{source}: {e}") from None
 
 
-# ---- presets: the paper's four models (MOBILEBERT.md §2) and sizes for CPU demos and tests ----
+# ---- presets: the paper's four models (docs/models.md) and sizes for CPU demos and tests ----
 
 def mobilebert() -> MobileBertConfig:
     """MobileBERT: 24 blocks, 512 wide between blocks, 128 inside, 4 stacked FFNs, NoNorm + ReLU (25.3M)."""

@@ -157,7 +157,7 @@ def task_counts(batch: Batch) -> dict[str, int]:
 
 def task_loss_sums(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
     """Summed task loss of a micro-batch: cross-entropy, squared error (regression) or the mean of the start and
-    end cross-entropies (QA, MOBILEBERT.md §2). The engine divides by the global example count."""
+    end cross-entropies (QA, docs/models.md). The engine divides by the global example count."""
     out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     if "start_positions" in batch:
         start = F.cross_entropy(out.start_logits.float(), batch["start_positions"], reduction="sum")

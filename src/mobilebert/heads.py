@@ -1,4 +1,4 @@
-"""Task heads and the task models, with transformers' class names and output field names (MOBILEBERT.md §2).
+"""Task heads and the task models, with transformers' class names and output field names (docs/models.md).
 
 Each model holds the backbone as `.mobilebert` and computes its loss when labels are given.
 Axes: B batch, T tokens, C choices, D hidden_size, E embedding_size, V vocabulary.

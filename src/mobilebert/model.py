@@ -1,4 +1,4 @@
-"""The MobileBERT family as one PyTorch model: embeddings, bottleneck blocks, encoder (MOBILEBERT.md §2).
+"""The MobileBERT family as one PyTorch model: embeddings, bottleneck blocks, encoder (docs/models.md).
 
 Teacher (IB-BERT) and students (MobileBERT, -TINY, w/o OPT) are this same code with different configs.
 

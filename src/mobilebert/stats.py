@@ -1,7 +1,7 @@
 """Size and cost of a config, computed from the architecture alone (no model is built).
 
 FLOPs count multiply-adds of the backbone's matrix products as two operations, at batch 1; norms, activations
-and softmax are left out, as in the paper's and BENCHMARKING.md's figures (MobileBERT at 1×128: 5.39 GFLOP).
+and softmax are left out, as in the paper's figures and docs/benchmarks.md (MobileBERT at 1×128: 5.39 GFLOP).
 """
 
 from __future__ import annotations

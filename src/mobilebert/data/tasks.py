@@ -1,7 +1,7 @@
 """Every downstream task behind one name: the GLUE tasks, SQuAD v1.1/v2.0 and the built-in tasks.
 
 A `Task` says what the head predicts, which metrics score it, where its data comes from and the paper's
-fine-tuning defaults for its family (MOBILEBERT.md §5): GLUE lr 5e-5, batch 32, 3 epochs, sequence 128;
+fine-tuning defaults for its family (docs/finetuning.md): GLUE lr 5e-5, batch 32, 3 epochs, sequence 128;
 SQuAD lr 4e-5, batch 32, 5 epochs, sequence 384.
 """
 

@@ -7,7 +7,7 @@ for it, and the weights, the shared library and the call spec go into one zip fi
 Python; C++ programs load the same file with libtorch's `torch::inductor::AOTIModelPackageLoader`.
 
 No dynamo guards, no Python wrapper around the kernels: measured on MobileBERT bf16, 1×128, 2 threads, one
-interleaved run, 10.8 ms against 13.1 ms for `compile_for_inference` with a static graph (README, "Deploy").
+interleaved run, 10.8 ms against 13.1 ms for `compile_for_inference` with a static graph (docs/deployment.md).
 
 A package is built for this machine: its CPU's vector ISA (AVX512, AMX, ...; recorded in the package and checked
 by `AotiModel`), the thread count its parallel loops are specialized for (`threads`), and the torch version that

@@ -1,7 +1,7 @@
 """`mobilebert bench`: latency and throughput of every way to run MobileBERT, against references, in one process.
 
 Backends share the same random (or given) weights and the same inputs; each is checked against eager before it is
-timed. Timing follows BENCHMARKING.md: threads pinned for every runtime (ONNX Runtime spinning only while a run
+timed. Timing follows docs/benchmarks.md: threads pinned for every runtime (ONNX Runtime spinning only while a run
 lasts), warm-up, then repetitions interleaved across backends so machine drift hits all alike; median and p90 per
 backend. Every timed call starts after a short pause (`SETTLE_S`), in which the worker threads the previous call
 left spinning (PyTorch's OpenMP, ExecuTorch's pool) go idle: right after our optimized forward, an ExecuTorch call

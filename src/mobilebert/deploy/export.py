@@ -189,7 +189,7 @@ class OnnxModel:
             options.inter_op_num_threads = 1
         # Worker threads busy-wait between the parallel sections of a run (onnxruntime's default, as PyTorch's
         # OpenMP threads do) but stop when the run ends: spinning on would steal the CPU from whatever runs next
-        # in the process (BENCHMARKING.md), while no spinning at all costs a thread wake-up per op (1.35x slower).
+        # in the process (docs/benchmarks.md), while no spinning at all costs a thread wake-up per op (1.35x slower).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1")
         options.add_session_config_entry("session.force_spinning_stop", "1")
         try:

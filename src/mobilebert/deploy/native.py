@@ -8,7 +8,7 @@ every matmul, ReLU and SDPA of every block on them with single-threaded kernels;
 when every token's keys and values are written (double-buffered, so no second meeting is needed). Outputs are those
 of the Python loop (same ops on the same rows).
 
-Measured on two cores (README "Deploy"): 1×128 in 23–24 ms against 29–30 ms for the Python loop. Two details
+Measured on two cores (docs/deployment.md): 1×128 in 23–24 ms against 29–30 ms for the Python loop. Two details
 matter: MKL's thread-local count is set to 1 on each thread during the loop (inside an OpenMP region MKL runs one
 thread anyway, but was 13–20% slower per call than with the count set); and the loop uses PyTorch's own team, whose
 workers are still spinning after the caller's last op, rather than threads of its own: a helper thread of ours

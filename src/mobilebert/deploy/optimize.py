@@ -1,4 +1,4 @@
-"""`optimize_for_inference`: a new, faster model that computes what the eager one does (MOBILEBERT.md §2).
+"""`optimize_for_inference`: a new, faster model that computes what the eager one does (docs/deployment.md).
 
 Every rewrite is exact algebra; outputs differ from eager only by float rounding (relative 1e-6 typical in fp32):
 

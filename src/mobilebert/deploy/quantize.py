@@ -1,7 +1,7 @@
 """int8 quantization: onnxruntime dynamic and static (calibrated) quantization, and PyTorch dynamic quantization.
 
 Every function returns a new file or a new module; the input is never changed. MobileBERT's NoNorm activations
-reach 1e7–1e8 in trained checkpoints, so per-tensor int8 activations can lose much (MOBILEBERT.md §5: published
+reach 1e7–1e8 in trained checkpoints, so per-tensor int8 activations can lose much (docs/deployment.md: published
 int8 SQuAD models lose 1–2 F1): measure agreement with `deploy.export.argmax_agreement` before shipping.
 """
 
@@ -149,7 +149,7 @@ def load_torch_int8(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return quantized
 
 
-# ---- quantization-aware fine-tuning (MOBILEBERT.md §5) ----
+# ---- quantization-aware fine-tuning (docs/deployment.md) ----
 
 _QUANTIZERS = ("input_fake_quant.", "weight_fake_quant.")  # FakeQuantLinear's children
 

@@ -1,1 +1,1 @@
-"""Knowledge-transfer losses for distilling IB-BERT into MobileBERT (MOBILEBERT.md §3)."""
+"""Knowledge-transfer losses for distilling IB-BERT into MobileBERT (docs/distillation.md)."""

@@ -1,4 +1,4 @@
-"""Knowledge-transfer losses of MobileBERT (Sun et al. 2020 §3; MOBILEBERT.md §3), as pure functions of tensors.
+"""Knowledge-transfer losses of MobileBERT (Sun et al. 2020 §3; docs/distillation.md), as pure functions of tensors.
 
 Axis legend: B batch, T tokens, D block-output width (512), H heads, V vocabulary, N predicted positions.
 `attention_mask` is (B, T) with 1 for real tokens and 0 for padding; None means every token is real.
@@ -70,7 +70,7 @@ def _token_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
 
 def feature_map_transfer(teacher: Tensor, student: Tensor, attention_mask: Tensor | None = None,
                          weights: FMTWeights = FMTWeights(), eps: float = 1e-3) -> FMTLoss:
-    """Feature-map transfer in the official decomposition (MOBILEBERT.md §3; TF2 `official/projects/mobilebert`).
+    """Feature-map transfer in the official decomposition (docs/distillation.md; TF2 `official/projects/mobilebert`).
 
     teacher, student: (B, T, D) block outputs of the *same* layer (TF1 compared the statistics against all
     teacher layers stacked, a bug TF2 fixed). Per token, over the channel axis D: μ = mean, σ² = biased variance,
@@ -152,7 +152,7 @@ def kd_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature
 def pretraining_distillation(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
                              student_nsp_logits: Tensor | None = None, nsp_labels: Tensor | None = None,
                              alpha: float = 0.5, temperature: float = 1.0) -> PDLoss:
-    """Pre-training distillation (MOBILEBERT.md §3): α·MLM_CE(labels) + (1 − α)·KD + NSP_CE.
+    """Pre-training distillation (docs/distillation.md): α·MLM_CE(labels) + (1 − α)·KD + NSP_CE.
 
     student_logits, teacher_logits: MLM logits, either (B, T, V) with labels (B, T) or already gathered (N, V)
     with labels (N,); labels of −100 mark unpredicted positions, which are left out of both MLM and KD. Both

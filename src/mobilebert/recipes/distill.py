@@ -1,6 +1,6 @@
 """`mobilebert distill`: knowledge transfer from a pre-trained IB-BERT teacher to a MobileBERT student.
 
-The algorithm (paper §3–§4, MOBILEBERT.md §3–§5): layer-wise transfer of feature maps and attention maps
+The algorithm (paper §3–§4; docs/distillation.md): layer-wise transfer of feature maps and attention maps
 (all layers jointly, or progressively one layer per phase), then pre-training distillation of the MLM head —
 or all at once (auxiliary). The student ends task-agnostic: fine-tune it like BERT.
 """

@@ -1,6 +1,6 @@
 """`mobilebert finetune`: fine-tune any MobileBERT checkpoint on a GLUE task, SQuAD or a built-in task.
 
-The paper fine-tunes like BERT with a small search (MOBILEBERT.md §5): every combination of the `search` lists
+The paper fine-tunes like BERT with a small search (docs/finetuning.md): every combination of the `search` lists
 (learning rate × batch size × epochs) is trained with every seed, each trial in its own run folder; the best
 trial by the task's main dev metric becomes OUT/final, and its test-set predictions become leaderboard files.
 Small tasks vary by a few points across seeds, so the table reports the mean and spread of each combination.

@@ -1,6 +1,6 @@
 """`mobilebert pretrain`: masked-LM + next-sentence pre-training of any preset (the IB-BERT teacher first of all).
 
-The paper trains IB-BERT-large like BERT-large (MOBILEBERT.md §5): sentence pairs with 50% random next sentence,
+The paper trains IB-BERT-large like BERT-large (docs/training.md): sentence pairs with 50% random next sentence,
 15% masking, LAMB. This recipe does that on any corpus, at any scale, on one process or under torchrun.
 """
 

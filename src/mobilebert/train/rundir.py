@@ -1,4 +1,4 @@
-"""The run folder contract (DESIGN.md §1) and resumable checkpoints.
+"""The run folder contract (docs/training.md) and resumable checkpoints.
 
     OUT/config.yaml            the resolved options
     OUT/metrics.jsonl          one JSON object per logged step or evaluation
