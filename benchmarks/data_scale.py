@@ -32,7 +32,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from mobilebert.report import format_table
+from mobilebert.tables import format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER = ROOT / "configs" / "demo" / "teacher.yaml"

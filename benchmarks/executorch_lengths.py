@@ -24,7 +24,7 @@ import torch
 import mobilebert as mb
 from mobilebert.deploy.bench import Backend, build_backends, measure, random_inputs
 from mobilebert.deploy.mobile import ExecutorchModel, export_executorch
-from mobilebert.report import format_table
+from mobilebert.tables import format_table
 
 REFERENCES = ["optimized", "hf-mobilebert"]
 

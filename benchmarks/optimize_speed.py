@@ -36,7 +36,7 @@ import torch
 
 import mobilebert as mb
 from mobilebert.deploy.optimize import optimize_for_inference
-from mobilebert.report import format_table
+from mobilebert.tables import format_table
 
 Inputs = dict[str, torch.Tensor]
 Run = Callable[[Inputs], torch.Tensor]  # inputs -> last hidden state

@@ -27,7 +27,7 @@ import torch
 import mobilebert as mb
 from mobilebert.distill.strategies import Rates, copy_embeddings_and_heads, layer_groups, plan, set_trainable
 from mobilebert.recipes.distill import Transfer, TransferOptions
-from mobilebert.report import format_table
+from mobilebert.tables import format_table
 from mobilebert.train.optim import build_optimizer, parameter_groups
 
 

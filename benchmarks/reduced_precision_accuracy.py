@@ -25,8 +25,8 @@ import torch
 
 from mobilebert.data.builtin_tasks import BUILTIN_TASKS
 from mobilebert.data.tasks import get_task
-from mobilebert.downstream import TaskSettings, load_model, load_split, predict, score
-from mobilebert.report import format_table
+from mobilebert.finetuning import TaskSettings, load_model, load_split, predict, score
+from mobilebert.tables import format_table
 from mobilebert.tokenizer import Tokenizer
 
 

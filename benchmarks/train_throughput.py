@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import mobilebert as mb
-from mobilebert.report import format_table
+from mobilebert.tables import format_table
 from mobilebert.train.loop import Distributed, Engine, TrainOptions, micro_batches
 from mobilebert.train.optim import build_optimizer, build_scheduler, clip_grad_norm, parameter_groups
 from mobilebert.train.pretraining import pretraining_counts, pretraining_sums

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             "tasks": {task: tuned[f"{name}-finetune/{task}"] for task in args.tasks}})
 
     header, rows, stats = summarise(results, args.tasks)
-    from mobilebert.report import format_table
+    from mobilebert.tables import format_table
 
     steps = f"{args.layerwise_steps} layer-wise + {args.pd_steps} PD steps (no distillation: " \
             f"{args.layerwise_steps + args.pd_steps} MLM+NSP steps)" + \

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mobilebert.config import preset
-from mobilebert.recipe_config import load_config
+from mobilebert.recipes.config import load_config
 from mobilebert.recipes.distill import DistillOptions
 from mobilebert.recipes.pretrain import PretrainOptions
 

@@ -74,7 +74,7 @@ def test_paper_config_rates_are_the_official_code_s():
     """The paper recipe resolves to the current layer at 3× train.lr and finished layers at 0.3× (1/10 of it)."""
     from pathlib import Path
 
-    from mobilebert.recipe_config import load_config
+    from mobilebert.recipes.config import load_config
     from mobilebert.recipes.distill import DistillOptions
 
     root = Path(__file__).resolve().parents[1] / "configs"

@@ -27,11 +27,8 @@ from mobilebert.deploy.export import (
 )
 from mobilebert.deploy.quantize import (
     BatchReader,
-    FakeQuantLinear,
     file_size,
-    finish_qat,
     load_torch_int8,
-    prepare_qat,
     quantize_onnx_dynamic,
     quantize_onnx_static,
     quantize_torch_dynamic,
@@ -39,6 +36,7 @@ from mobilebert.deploy.quantize import (
 )
 from mobilebert.heads import TASK_MODELS
 from mobilebert.recipes import export as export_recipe
+from mobilebert.train.qat import FakeQuantLinear, finish_qat, prepare_qat
 
 FP32_TOL = 1e-4
 EXPORT_LENGTH = 16  # the traced example is (2, 16); every check below runs other shapes

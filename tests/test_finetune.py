@@ -21,7 +21,7 @@ from mobilebert.config import preset
 from mobilebert.data.builtin_tasks import BUILTIN_TASKS, BuiltinSizes, write_builtin_tasks
 from mobilebert.data.glue import TASKS, load_task
 from mobilebert.data.tasks import get_task
-from mobilebert.downstream import TaskSettings, load_split
+from mobilebert.finetuning import TaskSettings, load_split
 from mobilebert.heads import MobileBertForPreTraining
 from mobilebert.metrics import evaluate_v1
 from mobilebert.recipes.finetune import EpochOrder, SearchOptions, trials
@@ -242,7 +242,7 @@ def _texts(labels):
 
 def test_constant_baseline_is_the_best_constant_per_metric():
     """On balanced pairs accuracy is 0.5 for either constant, and F1 that of always answering positive (2/3)."""
-    from mobilebert.downstream import TaskData, constant_baseline
+    from mobilebert.finetuning import TaskData, constant_baseline
 
     task = get_task("builtin-next")
     assert task.metrics[0] == "accuracy"  # balanced labels: F1 would flatter a constant answer
@@ -261,7 +261,7 @@ def _squad(answers: list[str], impossible: bool = False):
 def test_qa_constant_baseline_is_the_best_single_answer():
     """v1: the commonest training answers and answer words, each given to every question; the official scorer drops
     articles ("the cat" scores as "cat"). v2: always no answer too."""
-    from mobilebert.downstream import TaskData, constant_baseline
+    from mobilebert.finetuning import TaskData, constant_baseline
 
     train = TaskData(get_task("squad1"), "train", squad=_squad(["to", "to", "the cat"]))
     dev = TaskData(get_task("squad1"), "dev", squad=_squad(["to", "to", "cat"]))
@@ -276,7 +276,7 @@ def test_qa_constant_baseline_is_the_best_single_answer():
 
 
 def test_a_new_regression_head_starts_at_the_label_mean(checkpoint):
-    from mobilebert.downstream import TaskData, load_model
+    from mobilebert.finetuning import TaskData, load_model
     from mobilebert.recipes.finetune import start_at_label_mean
 
     task = get_task("stsb")

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     squad_eval.add_argument("--na-prob-thresh", type=float, default=1.0,
                             help="v2.0: predict no answer above this probability (default 1.0)")
 
-    from mobilebert.deploy.bench import add_arguments as add_bench_arguments
+    from mobilebert.recipes.bench import add_arguments as add_bench_arguments
     from mobilebert.recipes.export import add_arguments as add_export_arguments
 
     export = commands.add_parser(
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from mobilebert.recipes.export import main as run
         elif args.command == "bench":
-            from mobilebert.deploy.bench import main as run
+            from mobilebert.recipes.bench import main as run
         elif args.command == "squad-eval":
             from mobilebert.recipes.evaluate import squad_eval_main as run
         else:

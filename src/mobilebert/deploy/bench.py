@@ -10,13 +10,11 @@ took 16.4 ms against 14.0 ms after a pause, its threads sharing two cores with s
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import gc
 import importlib
 import importlib.util
-import json
 import multiprocessing
 import platform
 import statistics
@@ -29,12 +27,12 @@ from typing import Any
 
 import torch
 
-from mobilebert.config import MobileBertConfig, preset
+from mobilebert.config import MobileBertConfig
 from mobilebert.deploy.optimize import cpu_bf16
 from mobilebert.errors import UserError
 from mobilebert.model import MobileBertModel
-from mobilebert.report import format_table
 from mobilebert.stats import count_flops
+from mobilebert.tables import format_table
 
 OURS = ("eager", "optimized", "parallel", "compiled", "bf16", "compiled-bf16", "aoti", "aoti-bf16", "onnx",
         "onnx-int8", "torch-int8", "executorch", "executorch-int8", "tflite", "tflite-int8")
@@ -87,7 +85,7 @@ def build_backends(model: MobileBertModel, names: list[str], threads: int, workd
     backends = []
     for name in names:
         try:
-            backend = _BUILDERS[name](model, weights, workdir, threads)
+            backend = BUILDERS[name](model, weights, workdir, threads)
         except (ImportError, RuntimeError, NotImplementedError, UserError) as e:
             print(f"skipping {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
@@ -265,7 +263,7 @@ def bert_flops(cfg: Any, seq: int) -> int:
     return 2 * L * (T * (4 * D * D + 2 * D * Fw) + 2 * T * T * D)
 
 
-_BUILDERS: dict[str, Callable[..., Backend]] = {
+BUILDERS: dict[str, Callable[..., Backend]] = {
     "eager": _eager, "optimized": _optimized, "parallel": lambda *a: _optimized(*a, token_parallel=True),
     "compiled": _compiled, "bf16": _bf16,
     "compiled-bf16": lambda *a: _compiled(*a, dtype=torch.bfloat16), "aoti": _aoti,
@@ -328,7 +326,7 @@ def _peak_rss_mb(name: str, weights: str, workdir: str, threads: int, inputs: di
     _release_freed_memory()
     before = _status_kb("VmRSS")
     model = MobileBertModel.from_pretrained(weights).eval()
-    backend = _BUILDERS[name](model, Path(weights), Path(workdir), threads)
+    backend = BUILDERS[name](model, Path(weights), Path(workdir), threads)
     del model  # backends that run the eager model keep their own reference
     with torch.inference_mode():
         backend.run(inputs)  # first calls build lazily (compiled backends compile): what they keep stays resident
@@ -491,39 +489,3 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def main(args: argparse.Namespace) -> int:
-    names = args.backends or list(DEFAULT_BACKENDS)
-    unknown = [n for n in names if n not in _BUILDERS]
-    if unknown:
-        raise UserError(f"unknown backend {unknown[0]!r}: choose from {', '.join(_BUILDERS)}")
-    cfg = preset(args.preset)
-    reports = []
-    with tempfile.TemporaryDirectory(prefix="mobilebert-bench-") as tmp:  # one for every length: files built once
-        for seq in args.seq:
-            report = run_bench(cfg, names, args.threads, args.batch, seq, args.warmup, args.repetitions,
-                               args.checkpoint, memory=args.memory, workdir=Path(tmp))
-            print(format_results(report))
-            if args.plot:
-                path = Path(args.plot)
-                path = path.with_name(f"{path.stem}-{seq}{path.suffix}") if len(args.seq) > 1 else path
-                print(f"plot: {plot(report, path)}")
-            reports.append(report)
-    print(json.dumps(reports[0] if len(reports) == 1 else reports))
-    return 0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="mobilebert", help="model shape with random weights (default mobilebert)")
-    parser.add_argument("--checkpoint", help="time this checkpoint's backbone instead of a random preset")
-    parser.add_argument("--backends", nargs="+", metavar="NAME",
-                        help=f"from {', '.join(_BUILDERS)} (default: {' '.join(DEFAULT_BACKENDS)})")
-    parser.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, nargs="+", default=[128], help="sequence lengths, e.g. 128 384")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repetitions", type=int, default=20, help="timed calls per backend, interleaved")
-    parser.add_argument("--plot", help="write a latency bar chart (PNG) here")
-    parser.add_argument("--no-memory", dest="memory", action="store_false",
-                        help="skip the peak-memory column (one short extra process per backend)")

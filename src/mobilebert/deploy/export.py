@@ -291,7 +291,7 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike, batch: dict[str
 
 
 class OnnxTaskModel:
-    """An `OnnxModel` called like our task models, as `downstream.predict` does: outputs as attributes holding
+    """An `OnnxModel` called like our task models, as `finetuning.predict` does: outputs as attributes holding
     torch tensors (`.logits`, `.start_logits`, ...)."""
 
     def __init__(self, session: OnnxModel) -> None:

@@ -20,8 +20,8 @@ import torch
 from mobilebert.checkpoint import read_config
 from mobilebert.data.builtin_tasks import BUILTIN_TASKS
 from mobilebert.files import atomic_write
-from mobilebert.report import format_table
 from mobilebert.stats import count_flops, count_parameters
+from mobilebert.tables import format_table
 from mobilebert.train.rundir import read_metrics
 
 LABELS = {"teacher": "teacher (IB-BERT)", "student": "MobileBERT, distilled (PKT)",
@@ -40,7 +40,7 @@ def deploy_stage(plan, out: Path) -> Callable[[Path], dict]:
         from mobilebert.deploy.export import OnnxModel, OnnxTaskModel, export_onnx
         from mobilebert.deploy.optimize import optimize_for_inference
         from mobilebert.deploy.quantize import quantize_onnx_dynamic
-        from mobilebert.downstream import TaskSettings, load_model, load_split, predict, score
+        from mobilebert.finetuning import TaskSettings, load_model, load_split, predict, score
         from mobilebert.tokenizer import Tokenizer
 
         results = {}

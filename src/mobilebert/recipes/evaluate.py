@@ -8,11 +8,11 @@ import time
 
 from mobilebert.checkpoint import resolve
 from mobilebert.data.tasks import get_task
-from mobilebert.downstream import TaskSettings, load_model, load_split, predict, recorded_settings, score
 from mobilebert.errors import UserError
 from mobilebert.files import json_text
+from mobilebert.finetuning import TaskSettings, load_model, load_split, predict, recorded_settings, score
 from mobilebert.metrics import squad_eval_file
-from mobilebert.report import format_table
+from mobilebert.tables import format_table
 from mobilebert.tokenizer import Tokenizer
 
 

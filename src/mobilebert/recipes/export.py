@@ -43,7 +43,7 @@ from mobilebert.errors import UserError
 from mobilebert.files import atomic_write
 from mobilebert.heads import TASK_MODELS
 from mobilebert.model import MobileBertModel
-from mobilebert.report import format_table
+from mobilebert.tables import format_table
 from mobilebert.tokenizer import Tokenizer
 
 FORMATS = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-int8-static": "model-int8-static.onnx",

@@ -25,7 +25,9 @@ from mobilebert.checkpoint import resolve
 from mobilebert.data.glue import write_submission
 from mobilebert.data.squad import write_predictions
 from mobilebert.data.tasks import Task, get_task
-from mobilebert.downstream import (
+from mobilebert.errors import UserError
+from mobilebert.files import atomic_write, json_text
+from mobilebert.finetuning import (
     TaskData,
     TaskSettings,
     check_length,
@@ -40,10 +42,8 @@ from mobilebert.downstream import (
     task_loss_sums,
     write_finetuning_record,
 )
-from mobilebert.errors import UserError
-from mobilebert.files import atomic_write, json_text
-from mobilebert.recipe_config import load_config, save_config
-from mobilebert.report import format_table
+from mobilebert.recipes.config import load_config, save_config
+from mobilebert.tables import format_table
 from mobilebert.tokenizer import Tokenizer
 from mobilebert.train.loop import Distributed, Engine, TrainOptions, micro_batches, setup_distributed
 from mobilebert.train.rundir import RunDir
@@ -157,7 +157,7 @@ def run_trial(trial: Trial, options: FinetuneOptions, task: Task, tokenizer: Tok
     if task.kind == "regression":
         start_at_label_mean(model, train)
     if options.model.qat:
-        from mobilebert.deploy.quantize import prepare_qat  # here: it imports onnx, which plain runs do not need
+        from mobilebert.train.qat import prepare_qat
 
         model = prepare_qat(model)
     engine = Engine(model, train_options, run, dist, tokenizer=tokenizer,

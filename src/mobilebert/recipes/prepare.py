@@ -15,7 +15,7 @@ from typing import Any
 
 from mobilebert.data.prepare import prepare, summary
 from mobilebert.data.training import DataOptions
-from mobilebert.recipe_config import load_config
+from mobilebert.recipes.config import load_config
 
 
 @dataclass

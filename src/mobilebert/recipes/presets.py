@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from mobilebert.config import PRESETS, preset
-from mobilebert.report import format_table
 from mobilebert.stats import count_flops, count_parameters
+from mobilebert.tables import format_table
 
 
 def preset_table(seq_len: int = 128) -> str:

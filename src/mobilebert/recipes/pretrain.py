@@ -28,7 +28,7 @@ from mobilebert.data.training import (
 )
 from mobilebert.errors import UserError
 from mobilebert.heads import MobileBertForPreTraining
-from mobilebert.recipe_config import load_config, save_config
+from mobilebert.recipes.config import load_config, save_config
 from mobilebert.tokenizer import Tokenizer
 from mobilebert.train.loop import Engine, TrainOptions, micro_batches, open_run
 from mobilebert.train.optim import check_schedule

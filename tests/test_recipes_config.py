@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from mobilebert.errors import UserError
-from mobilebert.recipe_config import load_config, save_config
+from mobilebert.recipes.config import load_config, save_config
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Downstream data in, scores out: the task model for a task, its training batches, its predictions and metrics.
+"""Fine-tuning data in, scores out: the task model for a task, its training batches, its predictions and metrics.
 
 Used by `mobilebert finetune` (training and model selection) and `mobilebert evaluate` (any checkpoint).
 """
