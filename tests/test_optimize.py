@@ -11,7 +11,8 @@ from conftest import HEADS, TINY, VARIANTS, assert_same_outputs, build, inputs_f
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mobilebert as mb
-from mobilebert.deploy.optimize import onednn_bf16, optimize_for_inference
+from mobilebert.deploy.fused_ops import onednn_bf16
+from mobilebert.deploy.optimize import optimize_for_inference
 
 TOL = 1e-4  # the bound, fp32
 # Beyond the four architectures: the embedding's other paths.

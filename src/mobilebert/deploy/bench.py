@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from mobilebert.config import MobileBertConfig
-from mobilebert.deploy.optimize import cpu_bf16
+from mobilebert.deploy.fused_ops import cpu_bf16
 from mobilebert.errors import UserError
 from mobilebert.model import MobileBertModel
 from mobilebert.stats import count_flops

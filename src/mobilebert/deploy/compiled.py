@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mobilebert.deploy.optimize import FusedBlock, cpu_bf16, optimize_for_inference
+from mobilebert.deploy.fused_block import FusedBlock
+from mobilebert.deploy.fused_ops import cpu_bf16
+from mobilebert.deploy.optimize import optimize_for_inference
 
 FROZEN = {"freezing": True}
 AMX_GEMM = {**FROZEN, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",

@@ -44,7 +44,8 @@ from mobilebert.deploy.export import (
     padded_inputs,
     runner_inputs,
 )
-from mobilebert.deploy.optimize import FusedBlock, FusedEmbeddings, FusedMobileBert, optimize_for_inference
+from mobilebert.deploy.fused_block import FusedBlock, FusedEmbeddings
+from mobilebert.deploy.optimize import FusedMobileBert, optimize_for_inference
 from mobilebert.errors import UserError
 from mobilebert.files import atomic_write
 from mobilebert.model import check_length

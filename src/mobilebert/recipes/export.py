@@ -31,7 +31,7 @@ from mobilebert.deploy.export import (
     mobile_runtime_versions,
     relative_errors,
 )
-from mobilebert.deploy.optimize import cpu_bf16
+from mobilebert.deploy.fused_ops import cpu_bf16
 from mobilebert.deploy.quantize import (
     file_size,
     quantize_onnx_dynamic,

@@ -1,0 +1,373 @@
+"""`FusedEmbeddings` and `FusedBlock`: one MobileBERT block's folded weights and the forwards that run them —
+fused (eager CPU/GPU), oneDNN-packed bf16 (`pack`) and XNNPACK-portable (`make_portable`). See `optimize`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mobilebert.config import MobileBertConfig
+from mobilebert.deploy.fused_ops import (
+    Sublayer,
+    _act_inplace,
+    _addmm,
+    _fold,
+    _layer_norm,
+    _linear,
+    _matmul_residual,
+    _pack,
+    _params,
+    _sublayer,
+    bmm_attention,
+    packed_residual,
+    residual,
+)
+from mobilebert.model import Block, Embeddings, NoNorm
+
+
+class FusedEmbeddings(nn.Module):
+    """Embeddings as one gather, one matmul-add and (LayerNorm only) the norm.
+
+    The trigram window [t+1, t, t-1] is gathered in one go from the word table with a zero row appended
+    (index V stands for "past the sequence end"), the projection's columns reordered to the gather's order.
+    """
+
+    def __init__(self, emb: Embeddings, cfg: MobileBertConfig) -> None:
+        super().__init__()
+        self.trigram, self.skip_padding, self.project = emb.trigram, emb.skip_padding, emb.project
+        self.zero_index = cfg.vocab_size
+        word = emb.word.weight.detach()
+        self.word = nn.Embedding.from_pretrained(torch.cat([word, word.new_zeros(1, word.shape[1])]), freeze=True)
+        w, b = _params(emb.projection)
+        position, token_type = emb.position.weight.detach(), emb.token_type.weight.detach()
+        position = position + b if self.project else position.clone()
+        if isinstance(emb.norm, NoNorm):
+            gamma, beta = emb.norm.weight.detach(), emb.norm.bias.detach()
+            w, position, token_type = w * gamma[:, None], position * gamma + beta, token_type * gamma
+            self.register_buffer("scale", gamma.clone())  # used only without a projection
+        else:
+            self.register_buffer("scale", None)
+        if self.trigram:  # eager's column blocks are [after, x, before]; the gather below yields [before, x, after]
+            after, center, before = w.chunk(3, dim=1)
+            w = torch.cat([before, center, after], dim=1)
+        self.register_buffer("weight_t", w.t().contiguous())  # (3E, D)
+        self.register_buffer("position", position)  # (P, D): includes the projection bias (and NoNorm)
+        self.register_buffer("token_type", token_type.clone())  # (types, D)
+        self.register_buffer("position_type0", position + token_type[0])  # (P, D): for token_type_ids=None
+        self.norm = _layer_norm(emb.norm)
+        self.register_buffer("weight", None, persistent=False)  # (D, 3E): nn.Linear's layout, once portable
+
+    def make_portable(self) -> None:
+        """Project with `F.linear` on a constant (out, in) copy of the weight, then add the positions: the form
+        ExecuTorch's quantizer and XNNPACK's partitioner take (`mobilebert.deploy.mobile.portable`)."""
+        self.weight = self.weight_t.t().contiguous()
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+                attention_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T = input_ids.shape
+        ids = input_ids
+        if self.trigram:
+            if self.skip_padding and attention_mask is not None:
+                ids = ids.masked_fill(attention_mask == 0, self.zero_index)  # [PAD] shifts in as zeros
+            ids = F.pad(ids, (1, 1), value=self.zero_index)
+            ids = torch.stack([ids[:, :-2], ids[:, 1:-1], ids[:, 2:]], dim=2)  # (B, T, 3): t-1, t, t+1
+        # reshapes name every size but one (ExecuTorch: see `bmm_attention`)
+        x = self.word(ids)
+        x = x.reshape(-1, x.shape[-2] * x.shape[-1]) if self.trigram else x.view(-1, x.shape[-1])  # (N, 3E) or (N, E)
+        D = self.position.shape[1]
+        if token_type_ids is None:
+            base = self.position_type0[:T].expand(B, T, D).reshape(-1, D)  # (N, D)
+        else:
+            base = (F.embedding(token_type_ids, self.token_type) + self.position[:T]).view(-1, D)
+        if self.project:
+            h = torch.addmm(base, x, self.weight_t) if self.weight is None else F.linear(x, self.weight) + base
+        else:
+            h = base + x if self.scale is None else torch.addcmul(base, x, self.scale)  # base may view a buffer
+        return h if self.norm is None else self.norm(h)  # (N, D)
+
+
+class BlockWeights(NamedTuple):
+    """Plain references to a block's tensors and norms (see `FusedBlock.weights`)."""
+
+    in_t: torch.Tensor
+    in_bias: torch.Tensor
+    input_norm: nn.Module | None
+    qk_norm: nn.Module | None
+    qkv_t: torch.Tensor | None
+    qkv_bias: torch.Tensor | None
+    attention: Sublayer
+    ffns: tuple[tuple, ...]  # per FFN: (up_t, up_bias, *Sublayer of the down projection)
+    act: Callable[[torch.Tensor], torch.Tensor]
+    output: Sublayer
+
+
+class FusedBlock(nn.Module):
+    """A bottleneck block: one matmul reads the block input, one more makes Q and K (or Q, K, V), then SDPA, then
+    per sub-layer one matmul and at most one fused multiply-add (NoNorm) or an add and the LayerNorm."""
+
+    def __init__(self, block: Block) -> None:
+        super().__init__()
+        self.heads, self.width = block.heads, block.attention_output.out_features
+        self.bottleneck_attention, self.shared = block.bottleneck_attention, block.shared_bottleneck
+        pieces, attention_in, attention = self._attention_weights(block)
+        widths = [w.shape[0] for w, _ in pieces]
+        self.split = widths if self.shared else [self.width, sum(widths) - self.width]  # x, then the rest
+        self.register_buffer("in_t", torch.cat([w for w, _ in pieces]).t().contiguous())  # (D, sum of widths)
+        self.register_buffer("in_bias", torch.cat([b for _, b in pieces]))
+        qkv = [(m.weight.detach(), m.bias.detach()) for m in attention_in]
+        self.register_buffer("qkv_t", torch.cat([w for w, _ in qkv]).t().contiguous() if qkv else None)
+        self.register_buffer("qkv_bias", torch.cat([b for _, b in qkv]) if qkv else None)
+        self._register_sublayer("attention", attention)
+        ffns = [_sublayer(ffn.down, ffn.norm) for ffn in block.ffns]  # stacked along a first axis F below
+        self.register_buffer("ffn_up_t", torch.stack([ffn.up.weight.detach().t() for ffn in block.ffns]))
+        self.register_buffer("ffn_up_bias", torch.stack([ffn.up.bias.detach() for ffn in block.ffns]))
+        self.register_buffer("ffn_down_t", torch.stack([w.t() for w, *_ in ffns]))
+        self.register_buffer("ffn_down_bias", torch.stack([b for _, b, *_ in ffns]))
+        scales = [scale for _, _, scale, _ in ffns]
+        self.register_buffer("ffn_scale", None if scales[0] is None else torch.stack(scales))
+        norms = [norm for *_, norm in ffns]
+        self.ffn_norms = None if norms[0] is None else nn.ModuleList(norms)  # each with eager's eps
+        self.act = _act_inplace(block.ffns[0].act)
+        self._register_sublayer("output", _sublayer(block.output_bottleneck, block.output_norm))
+        self._weights: BlockWeights | None = None
+        self._packed: BlockWeights | None = None  # see `pack`
+        self._linear_layout: BlockWeights | None = None  # (out, in) matrices for the portable forward
+        self._pack_wanted = False
+        self.ffns_own_storage = False  # `weights()` gives each FFN copies, not views of the stacked buffers
+        self.portable = False  # `forward` in XNNPACK's ops (`mobilebert.deploy.mobile.portable`)
+
+    def _attention_weights(self, block: Block) -> tuple[list, list[nn.Linear], Sublayer]:
+        """(W, b) pieces of the first matmul, the Linears of the second, and the attention output's sub-layer;
+        sets the LayerNorms that stay (NoNorm is folded)."""
+        x_w, x_b = _fold(block.input_bottleneck, block.input_norm)
+        self.qk_norm = None
+        if self.bottleneck_attention:  # TINY: x feeds Q, K, V and is the residual
+            self.input_norm = _layer_norm(block.input_norm)
+            second = [block.query, block.key, block.value]
+            return [(x_w, x_b)], second, _sublayer(block.attention_output, block.attention_norm)
+        # x is only the attention residual: fold the output bias (and NoNorm's gamma, beta) into x's rows
+        wo, bo = _params(block.attention_output)
+        if isinstance(block.attention_norm, NoNorm):
+            gamma, beta = block.attention_norm.weight.detach(), block.attention_norm.bias.detach()
+            pieces = [(x_w * gamma[:, None], (x_b + bo) * gamma + beta)]
+            attention = (wo * gamma[:, None], None, None, None)
+            self.input_norm = None
+        else:
+            pieces, attention = [(x_w, x_b)], (wo, None, None, _layer_norm(block.attention_norm))
+            self.input_norm = _layer_norm(block.input_norm, extra_bias=bo)
+        if self.shared:  # MobileBERT: s = Norm(W h) feeds Q and K; V from h
+            self.qk_norm = _layer_norm(block.qk_norm)
+            pieces += [_fold(block.qk_bottleneck, block.qk_norm), _params(block.value)]
+            return pieces, [block.query, block.key], attention
+        pieces += [_params(block.query), _params(block.key), _params(block.value)]  # IB-BERT: Q, K, V all from h
+        return pieces, [], attention
+
+    def _register_sublayer(self, name: str, sublayer: Sublayer) -> None:
+        weight, bias, scale, norm = sublayer
+        self.register_buffer(f"{name}_t", weight.t().contiguous())  # (in, out): x @ W.T as x @ this
+        self.register_buffer(f"{name}_bias", bias)
+        self.register_buffer(f"{name}_scale", scale)
+        setattr(self, f"{name}_norm", norm)
+
+    def weights(self) -> BlockWeights:
+        """The tensors as plain references, gathered once: nn.Module's attribute lookup costs about a microsecond
+        per name, and at batch 1 those add up to a tenth of the forward. `_apply` (.to(), .half(), ...) replaces
+        tensors and so drops this cache; load_state_dict copies in place and keeps it valid."""
+        if self._weights is None:
+            F_ = len(self.ffn_up_t)
+            scales = [None] * F_ if self.ffn_scale is None else self.ffn_scale.unbind(0)
+            norms = [None] * F_ if self.ffn_norms is None else list(self.ffn_norms)
+            down_biases = [None] * F_ if self.ffn_down_bias is None else self.ffn_down_bias.unbind(0)
+            ffns = tuple(zip(self.ffn_up_t.unbind(0), self.ffn_up_bias.unbind(0), self.ffn_down_t.unbind(0),
+                             down_biases, scales, norms, strict=True))
+            if self.ffns_own_storage:  # for inductor (see `mobilebert.deploy.compiled`)
+                ffns = tuple(tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ffn) for ffn in ffns)
+            self._weights = BlockWeights(
+                self.in_t, self.in_bias, self.input_norm, self.qk_norm, self.qkv_t, self.qkv_bias,
+                (self.attention_t, self.attention_bias, self.attention_scale, self.attention_norm), ffns, self.act,
+                (self.output_t, self.output_bias, self.output_scale, self.output_norm))
+        return self._weights
+
+    def _apply(self, fn, recurse=True):
+        self._weights = self._packed = self._linear_layout = None  # copies would not follow a .to()
+        self._pack_wanted = False
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        """Copies and pickles leave the caches out (oneDNN's packed tensors have no storage to copy); a copy of a
+        packed block packs its own weights on its first call."""
+        return {**self.__dict__, "_weights": None, "_packed": None, "_linear_layout": None}
+
+    def pack(self) -> None:
+        """Run every matmul of the block as a oneDNN call on weights reordered once into its own layout, with the
+        bias, the ReLU and the residual add fused in (for bf16 on CPUs with AVX512-BF16/AMX, where these calls are
+        1.4–1.7× faster than `addmm` at MobileBERT's shapes). Any later `.to()` drops the packing."""
+        self._pack_wanted = True
+        self._packed = self._weights_as(_pack)
+
+    def make_portable(self) -> None:
+        """Run `forward` in XNNPACK's ops (`_portable_forward`) on weights in nn.Linear's (out, in) layout, each
+        FFN's on its own storage: ExecuTorch's quantizer and partitioner take `F.linear` on constant tensors. Called
+        before a capture: weights built during one would be captured as ops on the buffers."""
+        self.portable = self.ffns_own_storage = True
+        self._weights = None
+        w = self._weights_as(lambda t: t.t().contiguous())
+
+        def blocks(t: torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:  # x, q, k, v, s: each I wide
+            return None if t is None else tuple(block.clone() for block in t.split(self.width))  # own storage
+
+        self._linear_layout = w._replace(in_t=blocks(w.in_t), in_bias=blocks(w.in_bias), qkv_t=blocks(w.qkv_t),
+                                         qkv_bias=blocks(w.qkv_bias))
+
+    def _weights_as(self, layout: Callable[[torch.Tensor], torch.Tensor]) -> BlockWeights:
+        """`weights()` with every (in, out) matrix passed through `layout`."""
+        w = self.weights()
+        ffns = tuple((layout(up_t), up_bias, layout(down_t), *rest) for up_t, up_bias, down_t, *rest in w.ffns)
+        return w._replace(in_t=layout(w.in_t), qkv_t=None if w.qkv_t is None else layout(w.qkv_t), ffns=ffns,
+                          attention=(layout(w.attention[0]), *w.attention[1:]),
+                          output=(layout(w.output[0]), *w.output[1:]))
+
+    def residual_scales(self, tau: torch.Tensor, shift: torch.Tensor) -> dict[str, torch.Tensor | None] | None:
+        """New buffers for a block whose input arrives as `h̃` with `h = tau*h̃ + shift` (per channel), such that
+        every residual step is a bare matmul that adds into its residual, and the output's (tau, shift).
+
+        A NoNorm residual step `y = z W' + b' + gamma*r` on `r = s*r̃ + c` is `y = s'*(r̃ + z W'/s') + c'` with
+        s' = gamma*s and c' = b' + gamma*c: keep r̃ and carry (s', c') to the consumers, whose weight rows take
+        s' and whose biases take c' W. So no pass of `r*gamma + b` is left: the matmul's own accumulate does it.
+        None where a LayerNorm stays or a scale would leave float range (gamma 0): the block is kept as is.
+        """
+        if self.input_norm is not None or self.qk_norm is not None or self.ffn_norms is not None \
+                or self.attention_norm is not None or self.output_norm is not None:
+            return None
+        f64 = torch.float64
+
+        def read(weight_t: torch.Tensor, bias: torch.Tensor, s: torch.Tensor, c: torch.Tensor):
+            """(W, b) of a matmul reading r = s*r̃ + c, as one reading r̃."""
+            w = weight_t.to(f64)
+            return w * s[:, None], bias.to(f64) + c @ w
+
+        def add_into(weight_t: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, s: torch.Tensor,
+                     c: torch.Tensor):
+            """W of `y = z W + b + gamma*r` as a matmul adding into r̃, and y's (s', c')."""
+            s, c = gamma.to(f64) * s, bias.to(f64) + gamma.to(f64) * c
+            return weight_t.to(f64) / s[None, :], s, c
+
+        new: dict[str, torch.Tensor | None] = {}
+        new["in_t"], new["in_bias"] = read(self.in_t, self.in_bias, tau.to(f64), shift.to(f64))
+        s, c = torch.ones(self.width, dtype=f64), torch.zeros(self.width, dtype=f64)
+        scales = []
+        if self.attention_scale is not None:  # else pre-folded: x already holds the bias and NoNorm, a = x exactly
+            new["attention_t"], s, c = add_into(self.attention_t, self.attention_bias, self.attention_scale, s, c)
+            new["attention_bias"] = new["attention_scale"] = None
+            scales.append(s)
+        ups, up_biases, downs = [], [], []
+        for k in range(len(self.ffn_up_t)):
+            up, up_bias = read(self.ffn_up_t[k], self.ffn_up_bias[k], s, c)
+            down, s, c = add_into(self.ffn_down_t[k], self.ffn_down_bias[k], self.ffn_scale[k], s, c)
+            ups.append(up)
+            up_biases.append(up_bias)
+            downs.append(down)
+            scales.append(s)
+        new.update(ffn_up_t=torch.stack(ups), ffn_up_bias=torch.stack(up_biases), ffn_down_t=torch.stack(downs),
+                   ffn_down_bias=None, ffn_scale=None)
+        output, output_bias = read(self.output_t, self.output_bias, s, c)
+        new["output_t"], tau, shift = add_into(output, output_bias, self.output_scale, tau.to(f64), shift.to(f64))
+        new["output_bias"] = new["output_scale"] = None
+        scales.append(tau)
+        if not all(torch.isfinite(t).all() and t.abs().min() > 1e-30 and t.abs().max() < 1e30 for t in scales):
+            return None
+        new["tau"], new["shift"] = tau, shift
+        return new
+
+    def set_buffers(self, new: dict[str, torch.Tensor | None]) -> None:
+        """Replace buffers by name (each cast to its old dtype); drops the cached weight views."""
+        for name, value in new.items():
+            old = getattr(self, name)
+            setattr(self, name, None if value is None else value.to(old.dtype).contiguous())
+        self._weights = self._packed = self._linear_layout = None
+
+    def split_heads(self, t: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, ...]:
+        """(N, n*I) -> n views (B, H, T, I/H): no copies."""
+        return t.view(B, T, -1, self.heads, self.width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def attention_inputs(self, h: torch.Tensor, w: BlockWeights, B: int, T: int, linear: Callable = _addmm,
+                         portable: bool = False) -> tuple[torch.Tensor, ...]:
+        """The residual x (N, I), then q, k, v (B, H, T, I/H), from the block input h (N, D); `linear(x, W, b)`
+        runs the matmuls (`_linear` on packed weights). `portable`: w holds each block of columns as its own
+        (out, in) matrix, and x, q, k, v come from their own `F.linear` each, (N, I): XNNPACK takes no splits nor
+        strided head views, and slices only at static shapes."""
+        if portable:
+            def project(t: torch.Tensor, weights: tuple, biases: tuple) -> list[torch.Tensor]:
+                return [F.linear(t, weight, bias) for weight, bias in zip(weights, biases, strict=True)]
+
+            project_heads = project
+        else:
+            def project(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                return linear(t, weight, bias).split_with_sizes(self.split, dim=1)
+
+            def project_heads(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                return self.split_heads(linear(t, weight, bias), B, T)
+
+        x, *rest = project(h, w.in_t, w.in_bias)
+        if w.input_norm is not None:
+            x = w.input_norm(x)
+        if self.shared:
+            s, v = rest
+            if w.qk_norm is not None:
+                s = w.qk_norm(s)
+            q, k = project_heads(s, w.qkv_t, w.qkv_bias)
+            return x, q, k, v if portable else v.view(B, T, self.heads, -1).transpose(1, 2)
+        if self.bottleneck_attention:
+            return x, *project_heads(x, w.qkv_t, w.qkv_bias)
+        return x, *(rest if portable else self.split_heads(rest[0], B, T))
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int,
+                keep_input: bool = False) -> torch.Tensor:
+        """The block output (N, D); the sums of the residual steps are built in the memory of their residual,
+        which for the last one is h: `keep_input` keeps h intact (it is returned as a hidden state)."""
+        if self.portable:
+            return self._portable_forward(h, mask, B, T)
+        if self._pack_wanted and self._packed is None:
+            self.pack()
+        if self._packed is not None:
+            return self._packed_forward(h, mask, B, T, keep_input)
+        w = self.weights()
+        x, q, k, v = self.attention_inputs(h, w, B, T)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
+        a = residual(context.transpose(1, 2).reshape(B * T, self.width), x, *w.attention, reuse=True)  # (N, I)
+        for up_t, up_bias, *down in w.ffns:
+            a = residual(w.act(torch.addmm(up_bias, a, up_t)), a, *down, reuse=True)
+        return residual(a, h, *w.output, reuse=not keep_input)  # (N, D)
+
+    def _packed_forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int,
+                        keep_input: bool) -> torch.Tensor:
+        """`forward` on the packed weights."""
+        w = self._packed
+        x, q, k, v = self.attention_inputs(h, w, B, T, _linear)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
+        a = packed_residual(context.transpose(1, 2).reshape(B * T, self.width), x.contiguous(), *w.attention)
+        relu = w.act is torch.relu_
+        for up, up_bias, *down in w.ffns:
+            u = _linear(a, up, up_bias, "relu") if relu else w.act(_linear(a, up, up_bias))
+            a = packed_residual(u, a, *down)
+        return packed_residual(a, h, *w.output, reuse=not keep_input)
+
+    def _portable_forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor:
+        """`forward` in the ops ExecuTorch's XNNPACK backend delegates (`mobilebert.deploy.mobile`): a matmul
+        then an add where eager adds into the residual, attention as two bmm and a softmax (XNNPACK has no SDPA;
+        `mask` is finite there). Captured only: every op makes a new tensor."""
+        if self._linear_layout is None:
+            self.make_portable()
+        w = self._linear_layout
+        x, q, k, v = self.attention_inputs(h, w, B, T, F.linear, portable=True)
+        a = _matmul_residual(bmm_attention(q, k, v, mask, B, self.heads), x, *w.attention)
+        for up, up_bias, *down in w.ffns:
+            a = _matmul_residual(w.act(F.linear(a, up, up_bias)), a, *down)
+        return _matmul_residual(a, h, *w.output)
+
+
