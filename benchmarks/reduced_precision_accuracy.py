@@ -10,7 +10,7 @@ the `mobile` extra) and the LiteRT int8 model (XNNPACK, dynamic int8, one signat
 fractions × 100; SQuAD-style scores are percentages already), then one JSON line.
 
     python benchmarks/reduced_precision_accuracy.py --run runs/demo
-    python benchmarks/reduced_precision_accuracy.py --run runs/demo --paths bf16-compiled --tasks builtin-order
+    python benchmarks/reduced_precision_accuracy.py --run runs/demo --paths compiled-bf16 --tasks builtin-order
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _tflite_int8(model, tmp: Path, length: int):
     return OnnxTaskModel(TFLiteModel(export_tflite(model, tmp / "model-int8.tflite", lengths=[length], int8=True)))
 
 
-PATHS: dict[str, Callable] = {"fp32": _fp32, "bf16": _bf16, "bf16-compiled": _bf16_compiled,
+PATHS: dict[str, Callable] = {"fp32": _fp32, "bf16": _bf16, "compiled-bf16": _bf16_compiled,
                               "onnx-int8": _onnx_int8, "executorch-int8": _executorch_int8,
                               "tflite-int8": _tflite_int8}
 

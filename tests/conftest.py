@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mobilebert.heads import TASK_MODELS
+
 # Tiny versions of the four architectures in transformers' field names (docs/models.md).
 TINY = dict(vocab_size=99, hidden_size=32, embedding_size=16, intra_bottleneck_size=16, num_hidden_layers=3,
             num_attention_heads=2, intermediate_size=24, num_feedforward_networks=2, max_position_embeddings=64)
@@ -45,8 +47,7 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours.float() - reference.float()).abs().max() / reference.float().abs().max().clamp_min(1e-30)).item()
 
 
-HEADS = ["Model", "PreTraining", "MaskedLM", "NextSentencePrediction", "SequenceClassification", "MultipleChoice",
-         "TokenClassification", "QuestionAnswering"]
+HEADS = ["Model", *(name.removeprefix("MobileBertFor") for name in TASK_MODELS)]  # the backbone, then every head
 OUTPUT_FIELDS = ("last_hidden_state", "pooler_output", "prediction_logits", "seq_relationship_logits", "logits",
                  "start_logits", "end_logits")
 

@@ -86,3 +86,25 @@ def test_random_inputs_have_a_realistic_mask():
     inputs = random_inputs(100, batch=3, seq=16)
     assert inputs["attention_mask"][0].all() and not inputs["attention_mask"][2].all()
     assert inputs["input_ids"].min() >= 5
+
+
+def test_backend_and_head_names_agree_across_bench_export_and_the_accuracy_benchmark():
+    """One name per backend and one list of heads: what `export` writes, `bench` times and the reduced-precision
+    benchmark scores are called the same, and every head has its fused head and its export task."""
+    import importlib.util
+    from pathlib import Path
+
+    from mobilebert.deploy.bench import BUILDERS
+    from mobilebert.deploy.optimize import _HEADS
+    from mobilebert.heads import TASK_MODELS
+    from mobilebert.recipes.export import FORMATS, TASKS
+
+    static_only = {"onnx-int8-static"}  # calibrated on text: no random-weight bench backend
+    assert set(FORMATS) - static_only <= set(BUILDERS)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "reduced_precision_accuracy.py"
+    spec = importlib.util.spec_from_file_location("reduced_precision_accuracy", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert set(module.PATHS) - {"fp32"} <= set(BUILDERS)
+    assert set(_HEADS) == set(TASK_MODELS.values())
+    assert set(TASKS.values()) == {"MobileBertModel", *TASK_MODELS}
