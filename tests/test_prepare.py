@@ -339,3 +339,24 @@ def test_one_preparation_at_a_time_per_folder(tmp_path, corpus, tokenizer_dir):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running preparation holds it
         with pytest.raises(UserError, match="another process is preparing into it"):
             prepare(small(corpus), tmp_path / "p", str(tokenizer_dir), workers=1, show_progress=False)
+
+
+def test_a_worker_that_dies_is_one_line_and_the_run_can_resume(tmp_path, corpus, tokenizer_dir, monkeypatch):
+    """A worker killed by the system (here: one that exits at start) is a clear error, not a BrokenProcessPool
+    traceback; what was finished stays for --resume."""
+    import concurrent.futures
+    import multiprocessing
+
+    import mobilebert.data.prepare as preparation
+
+    def dying_pool(workers, tokenizer_json):
+        return concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=os._exit, initargs=(1,))
+
+    monkeypatch.setattr(preparation, "_pool", dying_pool)
+    with pytest.raises(UserError, match="a preparation worker died .*rerun with --resume"):
+        prepare(small(corpus), tmp_path / "out", str(tokenizer_dir), workers=2, show_progress=False)
+    monkeypatch.undo()
+    resumed = prepare(small(corpus), tmp_path / "out", str(tokenizer_dir), workers=1, resume=True,
+                      show_progress=False)
+    assert resumed["totals"]["train_pairs"] > 100

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import shutil
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,10 @@ def _run_shards(settings: PrepareSettings, out: Path, tokenizer, workers: int, s
                 for f in pending:  # an error (a bad file) or an interrupt: start nothing more, then wait
                     f.cancel()
                 raise
+    except BrokenProcessPool:
+        raise UserError(f"a preparation worker died (killed, or out of memory: try fewer --workers or a smaller "
+                        f"data.shard_mb); the finished shards are kept: rerun with --resume to go on into {out}") \
+            from None
     finally:
         if bar is not None:
             bar.close()
