@@ -341,6 +341,20 @@ def test_one_preparation_at_a_time_per_folder(tmp_path, corpus, tokenizer_dir):
             prepare(small(corpus), tmp_path / "p", str(tokenizer_dir), workers=1, show_progress=False)
 
 
+def test_training_runs_sharing_a_cache_wait_for_each_other(tmp_path, corpus, tokenizer_dir, capsys):
+    """`wait=True` (what pretrain/distill use for their cache) waits for the other preparation, then goes on."""
+    import fcntl
+    import threading
+
+    with open(tmp_path / ".p.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        threading.Timer(0.5, fcntl.flock, (lock, fcntl.LOCK_UN)).start()  # the other run finishes
+        manifest = prepare(small(corpus), tmp_path / "p", str(tokenizer_dir), workers=1, resume=True,
+                           show_progress=False, wait=True)
+    assert "another run is preparing this data; waiting for it" in capsys.readouterr().out
+    assert manifest["totals"]["train_pairs"] > 100
+
+
 def test_a_worker_that_dies_is_one_line_and_the_run_can_resume(tmp_path, corpus, tokenizer_dir, monkeypatch):
     """A worker killed by the system (here: one that exits at start) is a clear error, not a BrokenProcessPool
     traceback; what was finished stays for --resume."""

@@ -134,18 +134,19 @@ class Progress:
 
 def prepare(settings: PrepareSettings, out: Path, tokenizer_dir: str | None = None, vocab_size: int = 8192,
             workers: int | None = None, resume: bool = False, overwrite: bool = False,
-            show_progress: bool = True) -> dict[str, Any]:
+            show_progress: bool = True, wait: bool = False) -> dict[str, Any]:
     """Prepare `settings.corpus` into `out` (see the module docstring); returns the manifest.
 
     `tokenizer_dir`: a tokenizer to load; None trains a WordPiece vocabulary of `vocab_size` on the train split,
     streamed twice. `workers`: processes that tokenize and cut pairs (default: every core). A complete `out` is
     returned as it is when `resume` is set and it was prepared from the same request; an unfinished one continues
-    from its finished shards.
+    from its finished shards. `wait`: when another process is preparing into `out`, wait for it (then continue or
+    return its result, as `resume` says) instead of refusing — what training runs sharing a cache want.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is a file; --out names the folder to prepare into")
-    with _exclusive(out):
+    with _exclusive(out, wait):
         fresh = not out.exists() or not any(out.iterdir())
         _claim(out, resume, overwrite)
         try:
@@ -157,9 +158,9 @@ def prepare(settings: PrepareSettings, out: Path, tokenizer_dir: str | None = No
 
 
 @contextlib.contextmanager
-def _exclusive(out: Path):
+def _exclusive(out: Path, wait: bool = False):
     """One preparation at a time into `out` (two runs sharing a cache, a resume beside a running pretrain): a lock
-    file beside the folder, released by the system however the process ends."""
+    file beside the folder, released by the system however the process ends. `wait` blocks until it is free."""
     import fcntl
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -167,8 +168,11 @@ def _exclusive(out: Path):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"{out}: another process is preparing into it; wait for it to finish, or choose "
-                            "another --out") from None
+            if not wait:
+                raise UserError(f"{out}: another process is preparing into it; wait for it to finish, or choose "
+                                "another --out") from None
+            print(f"{out}: another run is preparing this data; waiting for it", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 

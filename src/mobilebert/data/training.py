@@ -143,7 +143,8 @@ def _resolve(options: DataOptions, out: Path, teacher: str | None) -> Path:
     key = hashlib.sha256(json.dumps(wanted, sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = cache / f"prepared-{key}"
     if not (folder / "manifest.json").is_file():
-        manifest = prepare(settings, folder, tokenizer, options.vocab_size, options.workers, resume=True)
+        manifest = prepare(settings, folder, tokenizer, options.vocab_size, options.workers, resume=True,
+                           wait=True)  # another run sharing the cache may be preparing the same data
         print(f"prepared {summary(manifest)}: {folder}")
     return folder
 
