@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -240,6 +240,18 @@ def padded_inputs(inputs: tuple[torch.Tensor, ...], pad_token_id: int, rows: int
     """(input_ids, attention_mask, token_type_ids) with `rows` more rows and `tokens` more tokens at the end of each
     row, all padding: [PAD] ids, mask 0, token type 0."""
     return [_padded(t, rows, tokens, value) for t, value in zip(inputs, (pad_token_id, 0, 0), strict=True)]
+
+
+def run_in_chunks(inputs: tuple[torch.Tensor, ...], pad_token_id: int, per_call: int,
+                  call: Callable[[list[torch.Tensor]], Sequence[Any]], tokens: int = 0) -> list[torch.Tensor]:
+    """Run a fixed-shape runtime on any number of rows: pad the rows to a multiple of `per_call` (and each row by
+    `tokens` more [PAD] tokens), `call` each chunk of `per_call` rows (it returns the outputs in order), concatenate
+    every output over the chunks and drop the padding rows. ExecuTorch's and LiteRT's runners share it."""
+    rows = inputs[0].shape[0]
+    extra_rows = -rows % per_call
+    padded = padded_inputs(inputs, pad_token_id, rows=extra_rows, tokens=tokens)
+    chunks = [call([t[i:i + per_call].contiguous() for t in padded]) for i in range(0, rows + extra_rows, per_call)]
+    return [torch.cat([torch.as_tensor(chunk[k]) for chunk in chunks])[:rows] for k in range(len(chunks[0]))]
 
 
 def _padded(t: torch.Tensor, rows: int, tokens: int, value: int) -> torch.Tensor:

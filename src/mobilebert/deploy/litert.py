@@ -43,6 +43,7 @@ from mobilebert.deploy.export import (
     eval_mode,
     example_batch,
     padded_inputs,
+    run_in_chunks,
     runner_inputs,
 )
 from mobilebert.deploy.mobile import portable, quiet_stderr
@@ -209,23 +210,17 @@ class TFLiteModel:
                  ) -> dict[str, torch.Tensor]:
         ids, mask, types = runner_inputs(input_ids, attention_mask, token_type_ids)
         key, shape = self._signature(ids)
-        rows, length = ids.shape[0], ids.shape[-1]
-        per_call, extra_rows, extra_tokens = shape[0], -rows % shape[0], shape[-1] - length
-        padded = padded_inputs((ids, mask, types), self.pad_token_id, rows=extra_rows, tokens=extra_tokens)
-        runner = self.runners[key]
-        chunks = []
-        for i in range(0, rows + extra_rows, per_call):
-            feed = {name: t[i:i + per_call].numpy().astype(np.int32)
-                    for name, t in zip(INPUT_NAMES, padded, strict=True)}
+        length, runner = ids.shape[-1], self.runners[key]
+
+        def call(chunk: list[torch.Tensor]) -> list[np.ndarray]:
             with quiet_stderr():
-                chunks.append(runner(**feed))
-        outputs = {}
-        for k, name in enumerate(self.output_names):
-            out = torch.from_numpy(np.concatenate([chunk[f"output_{k}"] for chunk in chunks]))[:rows]
-            if self.axes[name].get("1") == "sequence":
-                out = out[:, :length]
-            outputs[name] = out.float()
-        return outputs
+                result = runner(**{name: t.numpy().astype(np.int32) for name, t in zip(INPUT_NAMES, chunk,
+                                                                                       strict=True)})
+            return [result[f"output_{k}"] for k in range(len(self.output_names))]
+
+        outputs = run_in_chunks((ids, mask, types), self.pad_token_id, shape[0], call, tokens=shape[-1] - length)
+        return {name: (out[:, :length] if self.axes[name].get("1") == "sequence" else out).float()
+                for name, out in zip(self.output_names, outputs, strict=True)}
 
     def _signature(self, ids: torch.Tensor) -> tuple[str, tuple[int, ...]]:
         """The signature that runs `ids`: the shortest at least as long; a UserError for shapes none takes."""

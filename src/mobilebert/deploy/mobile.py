@@ -41,7 +41,7 @@ from mobilebert.deploy.export import (
     eval_mode,
     example_batch,
     export_shapes,
-    padded_inputs,
+    run_in_chunks,
     runner_inputs,
 )
 from mobilebert.deploy.fused_block import FusedBlock, FusedEmbeddings
@@ -267,18 +267,13 @@ class ExecutorchModel:
                  ) -> dict[str, torch.Tensor]:
         ids, mask, types = runner_inputs(input_ids, attention_mask, token_type_ids)
         check_runner_shape(ids, self.shape, f"this {self.architecture} program")
-        rows, length = ids.shape[0], ids.shape[-1]
+        length = ids.shape[-1]
         if length > self.shape[-1]:
             raise UserError(f"sequence length {length} exceeds the program's maximum {self.shape[-1]}; export it "
                             "again with a larger --max-seq-length")
         check_length(length, self.config["max_position_embeddings"])
-        per_call = self.shape[0]
-        extra_rows = -rows % per_call
-        padded = padded_inputs((ids, mask, types), self.pad_token_id, rows=extra_rows)
-        chunks = [self.method.execute([t[i:i + per_call].contiguous() for t in padded])
-                  for i in range(0, rows + extra_rows, per_call)]
-        return {name: torch.cat([chunk[k] for chunk in chunks])[:rows].float()
-                for k, name in enumerate(self.output_names)}
+        outputs = run_in_chunks((ids, mask, types), self.pad_token_id, self.shape[0], self.method.execute)
+        return {name: out.float() for name, out in zip(self.output_names, outputs, strict=True)}
 
 
 _loaded: list[Path] = []  # the programs loaded in this process: they hold on to the thread pool of their loading
