@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from mobilebert.config import MobileBertConfig
 from mobilebert.errors import UserError
-from mobilebert.files import atomic_write
+from mobilebert.files import atomic_write, read_json
 
 log = logging.getLogger("mobilebert")
 
@@ -151,10 +151,7 @@ def read_config(directory: Path) -> MobileBertConfig:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise UserError(f"{directory}: no {CONFIG_NAME}; not a model directory")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
     return MobileBertConfig.from_transformers_dict(data, source=str(path))

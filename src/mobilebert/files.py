@@ -1,4 +1,4 @@
-"""Writing files so that a reader never sees half of one."""
+"""Writing files so that a reader never sees half of one; reading JSON files that may be damaged."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from mobilebert.errors import UserError
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
@@ -28,6 +30,22 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_json(path: Path, hint: str = "") -> Any:
+    """A JSON file's content; an unreadable one (not JSON, not UTF-8) is a one-line UserError naming it, + `hint`."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}){hint}") from None
+
+
+def read_json_or_none(path: Path) -> Any:
+    """A JSON file's content, or None when it is damaged: for records that are then treated as absent."""
+    try:
+        return read_json(path)
+    except UserError:
+        return None
 
 
 def _umask() -> int:

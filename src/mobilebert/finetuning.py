@@ -21,7 +21,7 @@ from mobilebert.data.glue import TextExample
 from mobilebert.data.squad import SquadExample, SquadFeatures, make_features, postprocess
 from mobilebert.data.tasks import Task, load_squad_examples, load_text_examples, squad_dataset
 from mobilebert.errors import UserError
-from mobilebert.files import atomic_write
+from mobilebert.files import atomic_write, read_json
 from mobilebert.heads import MobileBertForQuestionAnswering, MobileBertForSequenceClassification
 from mobilebert.metrics import compute_metrics, evaluate_v1, evaluate_v2
 from mobilebert.tokenizer import Tokenizer
@@ -79,10 +79,7 @@ def write_finetuning_record(model_dir: Path, task: Task, settings: TaskSettings)
 def recorded_settings(checkpoint: str) -> dict[str, Any]:
     """What `write_finetuning_record` wrote in a checkpoint's folder, or {}."""
     path = resolve(checkpoint) / FINETUNING_FILE
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path) if path.is_file() else {}
 
 
 def load_model(task: Task, checkpoint: str) -> torch.nn.Module:

@@ -32,7 +32,7 @@ from mobilebert.data import shard_work, sources
 from mobilebert.data.corpus import _text_files
 from mobilebert.data.pairs import PairSettings
 from mobilebert.errors import UserError
-from mobilebert.files import atomic_write
+from mobilebert.files import atomic_write, read_json, read_json_or_none
 
 FORMAT_VERSION = 1
 
@@ -182,7 +182,8 @@ def _prepare(settings: PrepareSettings, out: Path, tokenizer_dir: str | None, vo
     request = {**settings.identity(), "tokenizer": tokenizer.fingerprint()}
     request_file = out / "request.json"
     if request_file.is_file():
-        if _read_json(request_file) != request:  # checked before anything in the folder changes
+        # checked before anything in the folder changes
+        if read_json(request_file, "; prepare again with --overwrite") != request:
             raise UserError(f"{out}: was prepared from another corpus, settings or tokenizer; use --overwrite to "
                             "start again or another --out")
         if (out / "manifest.json").is_file():
@@ -221,13 +222,6 @@ def _tokenizer(settings: PrepareSettings, out: Path, tokenizer_dir: str | None, 
     tokenizer = Tokenizer.train_from_stream(lambda: sources.train_sentences(settings), vocab_size=vocab_size)
     tokenizer.save_pretrained(saved)  # before the shards: a resumed run must not train another one
     return tokenizer
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}); prepare again with --overwrite") from None
 
 
 # ---- shards, in worker processes ----
@@ -335,9 +329,8 @@ def _finished_meta(out: Path, shard: sources.Shard) -> dict | None:
     meta_file = out / "shards" / f"{shard.index:05d}" / "meta.json"
     if not meta_file.is_file():
         return None
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    meta = read_json_or_none(meta_file)
+    if meta is None:
         return None  # damaged: the shard is prepared again
     files_there = all((meta_file.parent / name).is_file() for name in meta.get("files", {}))
     return meta if meta.get("key") == shard.key() and files_there else None
@@ -372,10 +365,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
                             "--resume")
         raise UserError(f"{folder}: not a prepared-data folder (no manifest.json); make one with "
                         "`mobilebert prepare`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a valid manifest ({e})") from None
+    manifest = read_json(path, "; prepare the data again")
     if manifest.get("format") != FORMAT_VERSION:
         raise UserError(f"{path}: prepared-data format {manifest.get('format')}, this version reads "
                         f"{FORMAT_VERSION}; prepare again")

@@ -20,7 +20,7 @@ from mobilebert.data.prepare import PrepareSettings, prepare, summary
 from mobilebert.data.prepared import PreparedData, open_prepared
 from mobilebert.data.pretraining import MaskSettings, PretrainingBatches
 from mobilebert.errors import UserError
-from mobilebert.files import atomic_write
+from mobilebert.files import atomic_write, read_json_or_none
 from mobilebert.tokenizer import Tokenizer
 
 RECORD = "prepared_data.json"  # in a trained model's folder: where its training data was prepared
@@ -137,7 +137,7 @@ def _resolve(options: DataOptions, out: Path, teacher: str | None) -> Path:
     identity = settings.identity()  # stats every corpus file: once
     request = {**identity, "tokenizer": fingerprint}
     for candidate in sorted(cache.glob("prepared-*/manifest.json")) if fingerprint else []:
-        if (_json(candidate) or {}).get("request") == request:  # same data, made by another run
+        if (read_json_or_none(candidate) or {}).get("request") == request:  # same data, made by another run
             return candidate.parent
     wanted = {**identity, "tokenizer": fingerprint or {"train": options.vocab_size}}
     key = hashlib.sha256(json.dumps(wanted, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -153,16 +153,8 @@ def _teacher_record(teacher: str | None) -> Path | None:
     record = Path(teacher) / RECORD if teacher else None
     if record is None or not record.is_file():
         return None
-    folder = Path((_json(record) or {}).get("folder", record.parent / "missing"))
+    folder = Path((read_json_or_none(record) or {}).get("folder", record.parent / "missing"))
     return folder if (folder / "manifest.json").is_file() else None
-
-
-def _json(path: Path) -> Any:
-    """A JSON file's content, or None when it is damaged (a record or manifest is then treated as absent)."""
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def _check_length(options: DataOptions, data: PreparedData) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from mobilebert.recipes.config import load_config, save_config
 from mobilebert.tokenizer import Tokenizer
 from mobilebert.train.loop import Engine, TrainOptions, micro_batches, open_run
 from mobilebert.train.optim import parameter_groups
-from mobilebert.train.pretraining import evaluate_pretraining
+from mobilebert.train.pretraining import validation_evaluator
 
 
 @dataclass
@@ -200,14 +199,10 @@ def main(args: argparse.Namespace) -> int:
 
     train = batches_for(data.train, data.tokenizer, options.data, options.train.batch_size, options.train.seed,
                         dist.rank, dist.world_size)
-    validation = batches_for(data.validation, data.tokenizer, options.data, options.data.eval_batch_size, seed=1)
-    eval_batches = max(1, math.ceil(min(options.data.eval_examples, len(data.validation))
-                                    / options.data.eval_batch_size)) if len(data.validation) else 0
     engine = Engine(student, options.train, run, dist, tokenizer=data.tokenizer, lr_lambda=schedule,
                     groups=layer_groups(parameter_groups(student, options.train.weight_decay)), partial_graph=True,
                     dropout=transfer.student_dropout,
-                    evaluate=(lambda: evaluate_pretraining(student, validation, eval_batches, dist.device))
-                    if eval_batches else None)
+                    evaluate=validation_evaluator(student, data, options.data, dist.device))
     losses = Transfer(teacher, transfer, layer_map)
     if dist.is_main:
         print(f"distilling {Path(transfer.teacher).name} → {transfer.student} with {transfer.strategy.upper()}: "

@@ -7,7 +7,6 @@ The paper trains IB-BERT-large like BERT-large (docs/training.md): sentence pair
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +31,7 @@ from mobilebert.recipes.config import load_config, save_config
 from mobilebert.tokenizer import Tokenizer
 from mobilebert.train.loop import Engine, TrainOptions, micro_batches, open_run
 from mobilebert.train.optim import check_schedule
-from mobilebert.train.pretraining import evaluate_pretraining, pretraining_counts, pretraining_sums
+from mobilebert.train.pretraining import pretraining_counts, pretraining_sums, validation_evaluator
 
 
 @dataclass
@@ -95,12 +94,8 @@ def main(args: argparse.Namespace) -> int:
                         f"model's max_position_embeddings ({model.config.max_position_embeddings})")
     train = batches_for(data.train, data.tokenizer, options.data, options.train.batch_size, options.train.seed,
                         dist.rank, dist.world_size)
-    validation = batches_for(data.validation, data.tokenizer, options.data, options.data.eval_batch_size, seed=1)
-    eval_batches = max(1, math.ceil(min(options.data.eval_examples, len(data.validation))
-                                    / options.data.eval_batch_size)) if len(data.validation) else 0
     engine = Engine(model, options.train, run, dist, tokenizer=data.tokenizer,
-                    evaluate=(lambda: evaluate_pretraining(model, validation, eval_batches, dist.device))
-                    if eval_batches else None)
+                    evaluate=validation_evaluator(model, data, options.data, dist.device))
     if dist.is_main:
         print(f"pre-training {options.model.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
               f"parameters) on {len(data.train)} pairs, {dist.world_size} process(es), {dist.device}")

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 
+from mobilebert.data.prepared import PreparedData
 from mobilebert.data.pretraining import IGNORE_INDEX, PretrainingBatches
+from mobilebert.data.training import DataOptions, batches_for
 from mobilebert.heads import MobileBertForPreTraining
 
 
@@ -48,3 +51,14 @@ def evaluate_pretraining(model: MobileBertForPreTraining, batches: PretrainingBa
             "perplexity": math.exp(min(loss_sum / max(total, 1), 50.0)),
             "mlm_majority_accuracy": max(label_counts.values(), default=0) / max(total, 1),
             "nsp_accuracy": nsp_correct / max(nsp_total, 1)}
+
+
+def validation_evaluator(model: MobileBertForPreTraining, data: PreparedData, options: DataOptions,
+                         device: torch.device) -> Callable[[], dict[str, float]] | None:
+    """The engine's `evaluate` for pre-training and distillation: `evaluate_pretraining` on up to
+    `options.eval_examples` held-out pairs, always the same ones (seed 1); None when the data hold none."""
+    if not len(data.validation):
+        return None
+    batches = batches_for(data.validation, data.tokenizer, options, options.eval_batch_size, seed=1)
+    count = max(1, math.ceil(min(options.eval_examples, len(data.validation)) / options.eval_batch_size))
+    return lambda: evaluate_pretraining(model, batches, count, device)
