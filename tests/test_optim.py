@@ -249,6 +249,19 @@ def test_build_optimizer_rejects_unknown_names():
         build_optimizer("adam", parameter_groups(Tiny(), 0.01), lr=1e-3)
 
 
+def test_train_options_refuse_what_the_optimizer_cannot_do_when_read():
+    """Checked when the config is read, before a run folder or data exist: not first when the engine starts."""
+    from mobilebert.train.loop import TrainOptions
+
+    with pytest.raises(mb.UserError, match="unknown optimizer 'adam'"):
+        TrainOptions(optimizer="adam")
+    with pytest.raises(mb.UserError, match="bias_correction false is available with the lamb optimizer only"):
+        TrainOptions(optimizer="adamw", bias_correction=False)
+    assert not TrainOptions(optimizer="lamb", bias_correction=False).bias_correction
+    with pytest.raises(mb.UserError, match="lamb optimizer only"):
+        build_optimizer("sgd", parameter_groups(Tiny(), 0.01), lr=1e-3, bias_correction=False)
+
+
 def test_adamw_groups_get_their_weight_decay():
     model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
     groups = parameter_groups(model, weight_decay=0.1)

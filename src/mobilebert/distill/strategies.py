@@ -145,12 +145,11 @@ def set_trainable(student: nn.Module, stage: Stage, rates: Rates = Rates()) -> N
     for name, p in student.named_parameters():
         key = group_key(name)
         layer = 0 if key == EMBEDDING_NORM else key
-        if stage.pd or not stage.copied_frozen and key == COPIED:
+        if stage.pd:
             p.requires_grad_(True)
-        elif stage.copied_frozen and _frozen_in_stage1(key, rates):
-            p.requires_grad_(False)
-        else:
-            p.requires_grad_(layer in stage.current or (layer in stage.lower and rates.lower > 0))
+        else:  # trained exactly where `lr_factor` gives a rate above 0
+            frozen = stage.copied_frozen and _frozen_in_stage1(key, rates)
+            p.requires_grad_(not frozen and (layer in stage.current or (layer in stage.lower and rates.lower > 0)))
 
 
 def layer_groups(groups: list[dict]) -> list[dict]:

@@ -214,7 +214,7 @@ def main(args: argparse.Namespace) -> int:
         stage = stage_at(stages, step)
         if stage != current:
             set_trainable(student, stage, rates)
-            if transfer.reset_optimizer and stage.name == "distillation" and step == stage.start:
+            if transfer.reset_optimizer and stage.pd and step == stage.start:  # (AKT: step 0, nothing to forget)
                 engine.reset_optimizer_state()  # the official codes start PD as a new run: no moments, step 1
             current = stage
         engine.step(micro_batches(batch, options.train.micro_batch_size),

@@ -30,7 +30,13 @@ import torch.distributed as tdist
 from torch import nn
 
 from mobilebert.errors import UserError
-from mobilebert.train.optim import build_optimizer, build_scheduler, clip_grad_norm, parameter_groups
+from mobilebert.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    check_optimizer,
+    clip_grad_norm,
+    parameter_groups,
+)
 from mobilebert.train.rundir import RunDir, load_checkpoint, save_checkpoint
 
 Batch = dict[str, torch.Tensor]
@@ -75,6 +81,7 @@ class TrainOptions:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        check_optimizer(self.optimizer, self.bias_correction)  # before any run folder or data
 
 
 @dataclass

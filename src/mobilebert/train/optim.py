@@ -205,6 +205,14 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr: float | None = N
     return groups
 
 
+def check_optimizer(name: str, bias_correction: bool = True) -> None:
+    """An optimizer name and options `build_optimizer` takes (also checked when a config is read)."""
+    if name.lower() not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if not bias_correction and name.lower() != "lamb":
+        raise UserError(f"train.bias_correction false is available with the lamb optimizer only, not {name!r}")
+
+
 def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                     eps: float = 1e-6, bias_correction: bool = True) -> torch.optim.Optimizer:
     """The optimizer called `name` ("lamb", "adamw" or "sgd") over `groups` (as from `parameter_groups`).
@@ -215,16 +223,13 @@ def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float
     official MobileBERT LAMB) exists for LAMB only: torch's AdamW always corrects.
     """
     groups = [dict(g) for g in groups]
+    check_optimizer(name, bias_correction)
     key = name.lower()
-    if not bias_correction and key != "lamb":
-        raise UserError(f"train.bias_correction false is available with the lamb optimizer only, not {name!r}")
     if key == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0, bias_correction=bias_correction)
     if key == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
-    if key == "sgd":
-        return torch.optim.SGD(groups, lr=lr, weight_decay=0.0)
-    raise UserError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    return torch.optim.SGD(groups, lr=lr, weight_decay=0.0)  # "sgd": check_optimizer allows no other name
 
 
 # ---------------------------------------------------------------------------------------------------------------
