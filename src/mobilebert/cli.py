@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                "glue_data --search.lr '[1e-5, 3e-5, 5e-5]' --search.seeds '[0, 1, 2]' --out runs/mrpc")
     finetune.add_argument("--checkpoint", help="checkpoint folder or hub id (or model.checkpoint in the config)")
     finetune.add_argument("--task", help="task name (or task.name in the config)")
+    finetune.add_argument("--teacher", help="task distillation: a checkpoint already fine-tuned on this task; the "
+                                            "loss becomes distill.beta x task loss + (1 - beta) x KD on its outputs "
+                                            "(or distill.teacher in the config)")
     _add_run_arguments(finetune)
 
     evaluate = commands.add_parser(

@@ -20,6 +20,7 @@ from mobilebert.data.builtin_tasks import BuiltinSizes, write_builtin_tasks
 from mobilebert.data.glue import TextExample
 from mobilebert.data.squad import SquadExample, SquadFeatures, make_features, postprocess
 from mobilebert.data.tasks import Task, load_squad_examples, load_text_examples, squad_dataset
+from mobilebert.distill.losses import PAD_LOGIT
 from mobilebert.errors import UserError
 from mobilebert.files import atomic_write, read_json
 from mobilebert.heads import MobileBertForQuestionAnswering, MobileBertForSequenceClassification
@@ -155,7 +156,11 @@ def task_counts(batch: Batch) -> dict[str, int]:
 def task_loss_sums(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
     """Summed task loss of a micro-batch: cross-entropy, squared error (regression) or the mean of the start and
     end cross-entropies (QA, docs/models.md). The engine divides by the global example count."""
-    out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    return task_sums(model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]), batch)
+
+
+def task_sums(out: Any, batch: Batch) -> dict[str, torch.Tensor]:
+    """`task_loss_sums` of model outputs already computed."""
     if "start_positions" in batch:
         start = F.cross_entropy(out.start_logits.float(), batch["start_positions"], reduction="sum")
         end = F.cross_entropy(out.end_logits.float(), batch["end_positions"], reduction="sum")
@@ -179,14 +184,18 @@ def predict(model: torch.nn.Module, data: TaskData, tokenizer: Tokenizer, settin
         batch = make_batch(data, rows, tokenizer, settings)
         out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                     batch["token_type_ids"].to(device))
-        if data.features is not None:
-            width = data.features.input_ids.shape[1]
-            both = torch.stack([out.start_logits, out.end_logits], 1).float().cpu()  # (B, 2, T')
-            outputs.append(F.pad(both, (0, width - both.shape[-1]), value=-1e4).numpy())
-        else:
-            logits = out.logits.float().cpu().numpy()
-            outputs.append(logits[:, 0] if logits.shape[-1] == 1 else logits)
+        rows_out = task_outputs(out).float().cpu()
+        if data.features is not None:  # (B, 2, T'): padded to the features' width
+            rows_out = F.pad(rows_out, (0, data.features.input_ids.shape[1] - rows_out.shape[-1]), value=PAD_LOGIT)
+        outputs.append(rows_out.numpy())
     return np.concatenate(outputs)
+
+
+def task_outputs(out: Any) -> torch.Tensor:
+    """A task model's outputs as `predict` lays them out: (B, labels), (B,) for regression, (B, 2, T) for QA."""
+    if hasattr(out, "start_logits"):
+        return torch.stack([out.start_logits, out.end_logits], 1)
+    return out.logits[:, 0] if out.logits.shape[-1] == 1 else out.logits
 
 
 def score(data: TaskData, logits: np.ndarray, settings: TaskSettings) -> dict[str, float]:

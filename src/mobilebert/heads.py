@@ -37,6 +37,7 @@ class TaskOutput:
     logits: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    attention_scores: tuple[torch.Tensor, ...] | None = None  # asked for by task distillation's layer terms
 
 
 @dataclass
@@ -46,6 +47,7 @@ class QuestionAnsweringOutput:
     end_logits: torch.Tensor  # (B, T)
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    attention_scores: tuple[torch.Tensor, ...] | None = None
 
 
 class MaskedLMHead(nn.Module):
@@ -198,9 +200,10 @@ class MobileBertForSequenceClassification(_TaskModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                output_hidden_states: bool = False, output_attentions: bool = False) -> TaskOutput:
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                output_attention_scores: bool = False) -> TaskOutput:
         enc = self.mobilebert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
-                              output_attentions=output_attentions)
+                              output_attentions=output_attentions, output_attention_scores=output_attention_scores)
         logits = self.classifier(self.dropout(enc.pooler_output))  # (B, num_labels)
         loss = None if labels is None else classification_loss(logits, labels, self.config.problem_type)
         return _task_output(loss, logits, enc)
@@ -256,10 +259,10 @@ class MobileBertForQuestionAnswering(_TaskModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
                 end_positions: torch.Tensor | None = None, output_hidden_states: bool = False,
-                output_attentions: bool = False) -> QuestionAnsweringOutput:
+                output_attentions: bool = False, output_attention_scores: bool = False) -> QuestionAnsweringOutput:
         """Positions outside the sequence (e.g. answers cut off by the window) are ignored by the loss."""
         enc = self.mobilebert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
-                              output_attentions=output_attentions)
+                              output_attentions=output_attentions, output_attention_scores=output_attention_scores)
         start_logits, end_logits = self.qa_outputs(enc.last_hidden_state).unbind(dim=-1)  # (B, T) each
         loss = None
         if start_positions is not None and end_positions is not None:
@@ -269,11 +272,13 @@ class MobileBertForQuestionAnswering(_TaskModel):
             loss = (F.cross_entropy(start_logits, start, ignore_index=T)
                     + F.cross_entropy(end_logits, end, ignore_index=T)) / 2
         return QuestionAnsweringOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
-                                       hidden_states=enc.hidden_states, attentions=enc.attentions)
+                                       hidden_states=enc.hidden_states, attentions=enc.attentions,
+                                       attention_scores=enc.attention_scores)
 
 
 def _task_output(loss: torch.Tensor | None, logits: torch.Tensor, enc: EncoderOutput) -> TaskOutput:
-    return TaskOutput(loss=loss, logits=logits, hidden_states=enc.hidden_states, attentions=enc.attentions)
+    return TaskOutput(loss=loss, logits=logits, hidden_states=enc.hidden_states, attentions=enc.attentions,
+                      attention_scores=enc.attention_scores)
 
 
 TASK_MODELS = {cls.__name__: cls for cls in (

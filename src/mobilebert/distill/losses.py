@@ -174,6 +174,30 @@ def pretraining_distillation(student_logits: Tensor, teacher_logits: Tensor, lab
     return PDLoss(total=total, mlm=mlm, kd=kd, nsp=nsp)
 
 
+PAD_LOGIT = -1e4  # a position outside the sequence: exp() of it is 0 in float32, and 0 · log p stays finite
+
+
+def task_distillation(student: Tensor, teacher: Tensor, kind: str, attention_mask: Tensor | None = None,
+                      temperature: float = 1.0) -> Tensor:
+    """KD term of task-specific distillation (beyond the paper; docs/finetuning.md), summed over the B rows.
+
+    kind "classification": student, teacher (B, C) logits; `kd_cross_entropy` (soft cross-entropy × T²) per row.
+    kind "regression": (B,) predictions; squared error per row (the temperature does not apply).
+    kind "qa": (B, 2, T) start and end logits; per row the mean of the start and the end soft cross-entropies
+    over positions, where positions with attention_mask (B, T) 0 are in neither distribution.
+    """
+    rows = student.shape[0]
+    if kind == "regression":
+        return F.mse_loss(student.float(), teacher.detach().float(), reduction="sum")
+    if kind == "qa":
+        if attention_mask is not None:
+            outside = attention_mask[:, None, :] == 0  # (B, 1, T)
+            student = student.float().masked_fill(outside, PAD_LOGIT)
+            teacher = teacher.float().masked_fill(outside, PAD_LOGIT)
+        student, teacher = student.flatten(0, 1), teacher.flatten(0, 1)  # (2B, T): start and end rows
+    return kd_cross_entropy(student, teacher, temperature) * rows
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Layer-wise knowledge transfer over model outputs
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from mobilebert.checkpoint import resolve
 from mobilebert.data.glue import write_submission
 from mobilebert.data.squad import write_predictions
 from mobilebert.data.tasks import Task, get_task
+from mobilebert.distill.task import TaskDistillOptions, TaskTeacher, check_teacher
 from mobilebert.errors import UserError
 from mobilebert.files import atomic_write, json_text
 from mobilebert.finetuning import (
@@ -96,6 +97,7 @@ class FinetuneOptions:
     model: ModelOptions = field(default_factory=ModelOptions)
     task: TaskOptions = field(default_factory=TaskOptions)
     search: SearchOptions = field(default_factory=SearchOptions)
+    distill: TaskDistillOptions = field(default_factory=TaskDistillOptions)  # with a fine-tuned teacher
     train: TrainOptions = field(default_factory=_finetune_train)  # lr, batch_size, steps: set by `search`
 
 
@@ -146,8 +148,10 @@ class EpochOrder:
 
 
 def run_trial(trial: Trial, options: FinetuneOptions, task: Task, tokenizer: Tokenizer, train: TaskData,
-              dev: list[TaskData], run: RunDir, dist: Distributed, resume: bool) -> dict[str, float]:
-    """Train one trial into `run` and return its dev metrics (also in run/results.json)."""
+              dev: list[TaskData], run: RunDir, dist: Distributed, resume: bool,
+              teacher: TaskTeacher | None = None) -> dict[str, float]:
+    """Train one trial into `run` and return its dev metrics (also in run/results.json); with `teacher`, the loss
+    is task distillation's."""
     settings = options.task.settings()
     steps = max(1, math.ceil(trial.epochs * len(train) / trial.batch_size))
     train_options = dataclasses.replace(options.train, lr=trial.lr, batch_size=trial.batch_size, steps=steps,
@@ -164,9 +168,13 @@ def run_trial(trial: Trial, options: FinetuneOptions, task: Task, tokenizer: Tok
                     evaluate=lambda: dev_scores(model, dev, tokenizer, settings, options.task.eval_batch_size,
                                                 dist.device))
     order = EpochOrder(len(train), trial.batch_size, trial.seed, dist.rank, dist.world_size)
+    counts, sums = (teacher.counts, teacher.sums) if teacher else (task_counts, task_loss_sums)
     for step in engine.steps(resume=resume):
-        batch = make_batch(train, order.rows(step), tokenizer, settings)
-        engine.step(micro_batches(batch, train_options.micro_batch_size), task_counts, task_loss_sums)
+        rows = order.rows(step)
+        batch = make_batch(train, rows, tokenizer, settings)
+        if teacher:
+            batch = teacher.add_outputs(batch, rows)
+        engine.step(micro_batches(batch, train_options.micro_batch_size), counts, sums)
     engine.finish()
     results = engine.last_evaluation
     if dist.is_main:
@@ -195,7 +203,8 @@ def dev_scores(model: torch.nn.Module, dev: list[TaskData], tokenizer: Tokenizer
 
 def main(args: argparse.Namespace) -> int:
     shorthand = [(key, getattr(args, name, None)) for name, key in (("checkpoint", "model.checkpoint"),
-                                                                   ("task", "task.name"))]
+                                                                   ("task", "task.name"),
+                                                                   ("teacher", "distill.teacher"))]
     options = load_config(FinetuneOptions, args.config,
                           args.overrides + [a for key, value in shorthand if value for a in (f"--{key}", value)])
     if not options.model.checkpoint:
@@ -222,6 +231,8 @@ def main(args: argparse.Namespace) -> int:
                        limit=options.task.max_train_examples)
     dev = [load_split(task, split, options.task.data_dir, tokenizer, settings, training=False, limit=limit)
            for split in task.dev_splits]
+    if options.distill.teacher:
+        check_teacher(options.distill, task, settings, options.model.checkpoint, tokenizer)
     dist = setup_distributed(options.train.device)
     if dist.is_main:
         if out.exists() and args.overwrite:
@@ -232,6 +243,12 @@ def main(args: argparse.Namespace) -> int:
     if dist.is_main:
         print(f"fine-tuning {options.model.checkpoint} on {task.name}: {len(train)} training rows, "
               f"{', '.join(f'{len(d)} {d.split}' for d in dev)}")
+    teacher = None
+    if options.distill.teacher:
+        teacher = TaskTeacher(options.distill, task, options.model.checkpoint, dist.device)
+        if teacher.cached:
+            teacher.cache_outputs(train, tokenizer, settings, options.task.eval_batch_size, dist.device, out,
+                                  write=dist.is_main)
     results = []
     for trial in trials(options.search, task):
         run = RunDir(out / "trials" / trial.name, dist.is_main)
@@ -240,7 +257,7 @@ def main(args: argparse.Namespace) -> int:
             metrics = {k: math.nan if v is None else v for k, v in json.loads(done.read_text()).items()}
         else:
             run.prepare(resume=True, overwrite=False)
-            metrics = run_trial(trial, options, task, tokenizer, train, dev, run, dist, resume=True)
+            metrics = run_trial(trial, options, task, tokenizer, train, dev, run, dist, resume=True, teacher=teacher)
         results.append({**dataclasses.asdict(trial), "metrics": metrics})
         if dist.is_main:
             print(f"{trial.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
