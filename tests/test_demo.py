@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from mobilebert.data.builtin_tasks import BUILTIN_TASKS
-from mobilebert.recipes.demo import MODELS
+from mobilebert.recipes.demo import FINETUNED
 from mobilebert.recipes.demo_report import final_validation
 
-STAGES = ("teacher", "student", "scratch", *(f"finetune-{m}" for m in MODELS), "deploy", "bench")
+STAGES = ("teacher", "student", "scratch", *(f"finetune-{m}" for m in FINETUNED), "deploy", "bench")
 
 
 def run_demo(out: Path, cwd: Path) -> subprocess.CompletedProcess:

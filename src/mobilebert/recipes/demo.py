@@ -16,7 +16,7 @@ import json
 import multiprocessing
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -55,7 +55,10 @@ QUICK = DemoPlan(teacher_steps=30, layerwise_steps=24, pd_steps=12, max_seq_leng
                  bench_backends=("eager", "optimized", "onnx-int8"),
                  teacher_preset="ib-bert-demo", vocab_size=1000, max_documents=300, log_every=1)
 
-MODELS = ("teacher", "student", "scratch")  # fine-tuned: the teacher, the distilled and the undistilled student
+MODELS = ("teacher", "student", "scratch")  # pre-trained: the teacher, the distilled and the undistilled student
+# Fine-tuned: each pre-trained model, and the distilled student again with task distillation from the fine-tuned
+# teacher (`finetune --teacher`).
+FINETUNED = (*MODELS, "student-kd")
 
 
 def run_stage(out: Path, name: str, work: Callable[[Path], dict[str, Any] | None]) -> dict[str, Any]:
@@ -171,18 +174,33 @@ def finetune_work(plan: DemoPlan, checkpoint: str, tasks: Path, task: str, folde
     """Fine-tune one pre-trained model on one built-in task (its files written beforehand under `tasks`)."""
     from mobilebert.recipes.finetune import main
 
-    # QA (its family's epochs): windows no longer than the pre-training sequences, whose later positions were never
-    # trained; the question is short, the rest of the window is context. The others: the plan's epochs.
+    # Sequences no longer than in pre-training, whose later positions were never trained (and half the cost of
+    # GLUE's 128). QA (its family's epochs): the question is short, the rest of the window is context. The others:
+    # the plan's epochs.
+    length = ("--task.max_seq_length", str(plan.max_seq_length))
     if BUILTIN_TASKS[task].format == "squad":
-        extra = ("--task.max_seq_length", str(plan.max_seq_length), "--task.doc_stride",
-                 str(plan.max_seq_length // 2), "--task.max_query_length", str(plan.max_seq_length // 2), *extra)
+        extra = (*length, "--task.doc_stride", str(plan.max_seq_length // 2), "--task.max_query_length",
+                 str(plan.max_seq_length // 2), *extra)
     else:
-        extra = ("--search.epochs", f"[{plan.epochs}]", *extra)
+        extra = (*length, "--search.epochs", f"[{plan.epochs}]", *extra)
     _run(main, folder, None, ["--task.data_dir", str(tasks / task), "--train.tensorboard", "false", *extra],
          checkpoint=checkpoint, task=task)
     summary = json.loads((folder / "results.json").read_text())
     return {"metrics": summary["best"]["metrics"], "baseline": summary["baseline"],
             "main_metric": summary["main_metric"]}
+
+
+def finetune_stages(plan: DemoPlan, out: Path, tasks: Path, models: Sequence[str]
+                    ) -> list[tuple[str, Callable[[Path], dict]]]:
+    """One stage per (model, task), QA first: the longest runs start early, so two workers end together."""
+    order = sorted(BUILTIN_TASKS, key=lambda t: BUILTIN_TASKS[t].format != "squad")
+    stages = []
+    for model in models:
+        pretrained = str(out / model.removesuffix("-kd") / "final")
+        for task in order:
+            kd = ("--teacher", str(out / "finetune-teacher" / task / "final")) if model.endswith("-kd") else ()
+            stages.append((f"finetune-{model}/{task}", partial(finetune_work, plan, pretrained, tasks, task, extra=kd)))
+    return stages
 
 
 def collect_finetuning(records: dict[str, dict[str, Any]], model: str) -> Callable[[Path], dict]:
@@ -212,10 +230,9 @@ def main(args: argparse.Namespace) -> int:
     records.update(run_stages(out, [("student", partial(student_work, plan, teacher, cache)),
                                     ("scratch", partial(scratch_work, plan, teacher, cache))], workers))
     tasks = write_builtin_tasks(out / "tasks", BuiltinSizes(plan.task_train, plan.task_dev))
-    tuned = run_stages(out, [(f"finetune-{model}/{task}",
-                              partial(finetune_work, plan, str(out / model / "final"), tasks, task))
-                             for model in MODELS for task in BUILTIN_TASKS], workers)
-    for model in MODELS:
+    tuned = run_stages(out, finetune_stages(plan, out, tasks, ["teacher"]), workers)  # task distillation's teachers
+    tuned |= run_stages(out, finetune_stages(plan, out, tasks, FINETUNED[1:]), workers)
+    for model in FINETUNED:
         records[f"finetune-{model}"] = run_stage(out, f"finetune-{model}", collect_finetuning(tuned, model))
     records["deploy"] = run_stage(out, "deploy", deploy_stage(plan, out))
     records["bench"] = run_stage(out, "bench", bench_stage(plan, out))

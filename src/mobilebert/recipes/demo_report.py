@@ -25,8 +25,8 @@ from mobilebert.tables import format_table
 from mobilebert.train.rundir import read_metrics
 
 LABELS = {"teacher": "teacher (IB-BERT)", "student": "MobileBERT, distilled (PKT)",
-          "scratch": "MobileBERT, no distillation", "int8": "MobileBERT distilled, ONNX int8",
-          "bf16": "MobileBERT distilled, optimized bf16"}
+          "student-kd": "MobileBERT, distilled + task KD", "scratch": "MobileBERT, no distillation",
+          "int8": "MobileBERT distilled, ONNX int8", "bf16": "MobileBERT distilled, optimized bf16"}
 
 
 # ---- stages ----
@@ -40,13 +40,15 @@ def deploy_stage(plan, out: Path) -> Callable[[Path], dict]:
         from mobilebert.deploy.export import OnnxModel, OnnxTaskModel, export_onnx
         from mobilebert.deploy.optimize import optimize_for_inference
         from mobilebert.deploy.quantize import quantize_onnx_dynamic
-        from mobilebert.finetuning import TaskSettings, load_model, load_split, predict, score
+        from mobilebert.finetuning import TaskSettings, load_model, load_split, predict, recorded_settings, score
         from mobilebert.tokenizer import Tokenizer
 
         results = {}
         for name in BUILTIN_TASKS:
             model_dir = out / "finetune-student" / name / "final"
-            task, settings = get_task(name), TaskSettings()
+            task = get_task(name)
+            recorded = recorded_settings(str(model_dir))  # the lengths it was fine-tuned with
+            settings = TaskSettings(recorded["max_seq_length"], recorded["doc_stride"], recorded["max_query_length"])
             model = load_model(task, str(model_dir))
             fp32 = export_onnx(model, folder / name / "model.onnx")
             int8 = quantize_onnx_dynamic(fp32, folder / name / "model-int8.onnx")
@@ -192,7 +194,9 @@ def _tasks(out: Path, records: dict[str, Any], plots: Path) -> str:
     scores: dict[str, dict[str, float]] = {}
     baseline: dict[str, float] = {}
     metric_of: dict[str, str] = {}
-    for model in ("teacher", "student", "scratch"):
+    for model in ("teacher", "student", "student-kd", "scratch"):
+        if not (out / f"finetune-{model}").is_dir():  # runs from before task distillation lack it
+            continue
         for task in BUILTIN_TASKS:
             summary = json.loads((out / f"finetune-{model}" / task / "results.json").read_text())
             metric = metric_of.setdefault(task, summary["main_metric"])
@@ -218,8 +222,10 @@ def _tasks(out: Path, records: dict[str, Any], plots: Path) -> str:
     ax.legend(fontsize=7)
     _save(fig, plots / "tasks.png")
     return ("## Built-in tasks\n\nDev scores after fine-tuning (SQuAD-style scores in percent, others as "
-            "fractions); the int8 row is the distilled student's task models run by ONNX Runtime after dynamic "
-            "int8 quantization, the bf16 row the same models through `optimize_for_inference` in bfloat16.\n\n"
+            "fractions). Task KD: the distilled student fine-tuned with the fine-tuned teacher's outputs as "
+            "soft targets (`finetune --teacher`, β 0.5). The int8 row is the distilled student's task models run "
+            "by ONNX Runtime after dynamic int8 quantization, the bf16 row the same models through "
+            "`optimize_for_inference` in bfloat16.\n\n"
             + format_table(header, rows) + "\n\n![tasks](report/tasks.png)")
 
 
