@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from mobilebert.data.builtin_tasks import BUILTIN_TASKS
 from mobilebert.recipes.demo import FINETUNED
@@ -20,9 +23,15 @@ def run_demo(out: Path, cwd: Path) -> subprocess.CompletedProcess:
                                                                "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})
 
 
-def test_quick_demo_writes_a_report_from_the_run_and_resumes_without_redoing_stages(tmp_path):
-    out = tmp_path / "demo"
-    result = run_demo(out, tmp_path)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    cwd = tmp_path_factory.mktemp("demo")
+    return cwd / "demo", run_demo(cwd / "demo", cwd)
+
+
+def test_quick_demo_writes_a_report_from_the_run_and_resumes_without_redoing_stages(demo):
+    out, result = demo
+    tmp_path = out.parent
     assert result.returncode == 0, result.stderr[-3000:]
     report = (out / "report.md").read_text()
     for stage in STAGES:
@@ -49,3 +58,21 @@ def test_quick_demo_writes_a_report_from_the_run_and_resumes_without_redoing_sta
     assert all(f"[{stage}] done earlier" in again.stdout for stage in STAGES if stage != "bench")
     assert again.stdout.count("] running") == 1 and "[bench] running" in again.stdout
     assert all(p.stat().st_mtime == t for p, t in stamps.items())
+
+
+def test_task_distillation_experiment_compares_plain_and_kd_fine_tuning_of_the_demo_student(demo, tmp_path):
+    """experiments/task_kd.py on the quick demo's folder: both fine-tunings per seed, and the table."""
+    out, result = demo
+    assert result.returncode == 0, result.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("task_kd", Path(__file__).parents[1] / "experiments" / "task_kd.py")
+    task_kd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task_kd)
+    assert task_kd.main(["--demo", str(out), "--out", str(tmp_path / "kd"), "--quick", "--workers", "1",
+                         "--seeds", "0", "1", "--tasks", "builtin-order", "builtin-qa"]) == 0
+    results = json.loads((tmp_path / "kd" / "results.json").read_text())
+    assert set(results["scores"]) == {"plain", "kd"}
+    assert all(len(v) == 2 for kind in results["scores"].values() for v in kind.values())
+    assert (tmp_path / "kd" / "kd-seed1" / "builtin-qa" / "teacher-outputs.npy").is_file()
+    assert "task KD (β 0.5)" in (tmp_path / "kd" / "results.md").read_text()
+    assert (tmp_path / "kd" / "task_kd.png").stat().st_size > 0
+    assert task_kd.main(["--demo", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2

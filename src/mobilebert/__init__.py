@@ -20,6 +20,7 @@ _HOMES = {
     "MobileBertForQuestionAnswering": "heads", "MobileBertForSequenceClassification": "heads",
     "MobileBertForTokenClassification": "heads",
     "MobileBertModel": "model",
+    "Predictor": "predict",
     "count_flops": "stats", "count_parameters": "stats",
 }
 

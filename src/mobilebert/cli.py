@@ -92,6 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--max-examples", type=int, help="score only the first N examples")
 
+    predict = commands.add_parser(
+        "predict", help="a fine-tuned model (checkpoint or export) on your own text; JSON lines out",
+        description="Run a fine-tuned checkpoint folder, or a folder written by `mobilebert export` from one, on new "
+                    "text. The task, label names and sequence settings come from the model's finetuning.json. Input: "
+                    "the texts of one example as arguments (one text, two for sentence-pair tasks, or question and "
+                    "context for QA), or many examples from --input (or standard input): TSV lines with those "
+                    "columns, or JSON lines with the keys text/text_pair or question/context. Output: one JSON line "
+                    "per example (input, then label and scores, score, or answer). Long contexts are read in "
+                    "overlapping windows, as in SQuAD evaluation.",
+        epilog="Examples: mobilebert predict runs/sst2/final 'a gripping, funny film'; mobilebert predict "
+               "runs/squad/final 'Who wrote it?' 'It was written by Ann.'; mobilebert predict runs/mrpc-onnx "
+               "--input pairs.tsv --out predictions.jsonl")
+    predict.add_argument("model", help="fine-tuned checkpoint folder, or export folder (mobilebert export)")
+    predict.add_argument("texts", nargs="*", help="one example: its one or two texts")
+    predict.add_argument("--input", help="TSV or JSON-lines file of examples ('-': standard input)")
+    predict.add_argument("--out", help="write the JSON lines here instead of standard output")
+    predict.add_argument("--task", help="only for a checkpoint without finetuning.json: the task of its head")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--threads", type=int, help="CPU threads (default: the runtime's choice)")
+
     squad_eval = commands.add_parser(
         "squad-eval", help="official SQuAD v1.1/v2.0 scoring of a predictions file; prints JSON",
         description="Score predictions (a JSON object question id -> answer text) against a SQuAD v1.1 or v2.0 "
@@ -154,6 +174,8 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.command == "predict" and not any(r.startswith("-") for r in rest):
+        args.texts, rest = args.texts + rest, []  # argparse leaves texts after an option (MODEL --task X A B) over
     if rest and args.command not in TRAINING_COMMANDS:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.overrides = rest
@@ -177,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             from mobilebert.recipes.export import main as run
         elif args.command == "bench":
             from mobilebert.recipes.bench import main as run
+        elif args.command == "predict":
+            from mobilebert.recipes.predict import main as run
         elif args.command == "squad-eval":
             from mobilebert.recipes.evaluate import squad_eval_main as run
         else:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mobilebert.checkpoint import read_config, resolve
+from mobilebert.checkpoint import read_config, read_weights, resolve
 from mobilebert.data.builtin_tasks import BuiltinSizes, write_builtin_tasks
 from mobilebert.data.glue import TextExample
 from mobilebert.data.squad import SquadExample, SquadFeatures, make_features, postprocess
@@ -81,6 +81,19 @@ def recorded_settings(checkpoint: str) -> dict[str, Any]:
     """What `write_finetuning_record` wrote in a checkpoint's folder, or {}."""
     path = resolve(checkpoint) / FINETUNING_FILE
     return read_json(path) if path.is_file() else {}
+
+
+HEAD_WEIGHTS = {"qa": "qa_outputs.weight", "regression": "classifier.weight", "classification": "classifier.weight"}
+
+
+def check_task_head(checkpoint: str, task: Task) -> None:
+    """The checkpoint must hold a trained head for the task (`load_model` would give it a new, random one)."""
+    state, source = read_weights(resolve(checkpoint))
+    head = state.get(HEAD_WEIGHTS[task.kind])
+    rows = 2 if task.kind == "qa" else task.num_labels
+    if head is None or head.shape[0] != rows:
+        raise UserError(f"{source} has no {task.name} head ({HEAD_WEIGHTS[task.kind]} with {rows} rows): fine-tune "
+                        f"it on {task.name} first (mobilebert finetune --checkpoint {checkpoint} --task {task.name})")
 
 
 def load_model(task: Task, checkpoint: str) -> torch.nn.Module:

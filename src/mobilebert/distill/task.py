@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mobilebert.checkpoint import read_config, read_weights, resolve
+from mobilebert.checkpoint import read_config, resolve
 from mobilebert.data.tasks import Task
 from mobilebert.distill.losses import FMTWeights, layer_losses, task_distillation
 from mobilebert.distill.strategies import build_layer_map, check_pair
@@ -28,6 +28,7 @@ from mobilebert.finetuning import (
     TaskData,
     TaskSettings,
     check_length,
+    check_task_head,
     load_model,
     predict,
     recorded_settings,
@@ -37,7 +38,6 @@ from mobilebert.finetuning import (
 )
 from mobilebert.tokenizer import Tokenizer
 
-HEAD_WEIGHTS = {"qa": "qa_outputs.weight", "regression": "classifier.weight", "classification": "classifier.weight"}
 CACHE_FILE = "teacher-outputs.npy"  # in the fine-tuning run folder, beside its record
 
 
@@ -71,13 +71,7 @@ def check_teacher(options: TaskDistillOptions, task: Task, settings: TaskSetting
     recorded = recorded_settings(teacher).get("task")
     if recorded is not None and recorded != task.name:
         raise UserError(f"the teacher {teacher} was fine-tuned on {recorded}, not {task.name}")
-    state, source = read_weights(resolve(teacher))
-    head = state.get(HEAD_WEIGHTS[task.kind])
-    rows = 2 if task.kind == "qa" else task.num_labels
-    if head is None or head.shape[0] != rows:
-        raise UserError(f"the teacher {source} has no {task.name} head ({HEAD_WEIGHTS[task.kind]} with {rows} rows): "
-                        f"fine-tune it on {task.name} first (mobilebert finetune --checkpoint {teacher} "
-                        f"--task {task.name})")
+    check_task_head(teacher, task)
     if Tokenizer.from_pretrained(resolve(teacher)).fingerprint() != tokenizer.fingerprint():
         raise UserError(f"the teacher {teacher} and the student {student} have different vocabularies: token ids "
                         "would mean different words to them")

@@ -41,6 +41,7 @@ from mobilebert.deploy.quantize import (
 )
 from mobilebert.errors import UserError
 from mobilebert.files import atomic_write
+from mobilebert.finetuning import FINETUNING_FILE
 from mobilebert.heads import TASK_MODELS
 from mobilebert.model import MobileBertModel
 from mobilebert.tables import format_table
@@ -287,8 +288,9 @@ def _text_batch(model: nn.Module, tokenizer: Tokenizer, pairs: list[Pair], max_l
 
 
 def _copy_side_files(checkpoint: Path, out: Path) -> None:
-    """config.json and the tokenizer's files: what inference next to the exported model needs."""
-    for name in (CONFIG_NAME, *TOKENIZER_FILES):
+    """config.json, the tokenizer's files and a fine-tuned model's record: what inference next to the exported
+    model needs."""
+    for name in (CONFIG_NAME, *TOKENIZER_FILES, FINETUNING_FILE):  # the last: the task, for `mobilebert predict`
         if (checkpoint / name).is_file() and checkpoint.resolve() != out.resolve():
             shutil.copyfile(checkpoint / name, out / name)
 

@@ -1,0 +1,203 @@
+"""A fine-tuned model on new text: `Predictor` (and `mobilebert predict`, which wraps it).
+
+The model is a fine-tuned checkpoint folder (`finetune`'s OUT/final) or a folder written by `mobilebert export`
+from one. Its `finetuning.json` names the task, the label names and the sequence settings it was fine-tuned with,
+so no option is needed. Examples are dicts: {"text": ..., "text_pair": ...} (the pair only for two-text tasks), or
+{"question": ..., "context": ...} for extractive QA, where a long context is cut into the same overlapping windows
+and answered by the same post-processing as SQuAD evaluation.
+
+    predictor = Predictor.from_pretrained("runs/mrpc/final")
+    predictor([{"text": "The cat sat.", "text_pair": "A cat was sitting."}])
+    # [{"label": "1", "scores": {"0": 0.08, "1": 0.92}}]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mobilebert.checkpoint import read_config, resolve
+from mobilebert.data.squad import SquadExample, make_features, postprocess
+from mobilebert.data.tasks import Task, get_task
+from mobilebert.errors import UserError
+from mobilebert.finetuning import FINETUNING_FILE, TaskSettings, check_task_head, load_model, recorded_settings
+from mobilebert.tokenizer import Tokenizer
+
+Example = dict[str, str]
+Batch = dict[str, torch.Tensor]
+Runner = Callable[[Batch], dict[str, np.ndarray]]  # model inputs -> outputs by name (logits, start/end_logits)
+
+EXPORT_RECORD = "export.json"  # written by `mobilebert export` beside the exported model
+
+
+@dataclass
+class Predictor:
+    run: Runner
+    tokenizer: Tokenizer
+    task: Task
+    settings: TaskSettings
+    labels: list[str]
+    batch_size: int = 32
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, task: str | None = None, threads: int | None = None,
+                        batch_size: int = 32) -> Predictor:
+        """A fine-tuned checkpoint folder or an exported model's folder; `task` only for a checkpoint without a
+        fine-tuning record (e.g. one fine-tuned by transformers)."""
+        folder = resolve(path)
+        record = recorded_settings(str(folder))
+        name = task or record.get("task")
+        if not name:
+            raise UserError(f"{path}: no {FINETUNING_FILE}: this is not a model fine-tuned by `mobilebert finetune` "
+                            "(or exported from one); pass --task to name the task of its head")
+        spec = get_task(name)
+        if spec.glue is None and spec.kind != "qa":
+            raise UserError(f"{name}: not a task with text inputs")
+        settings = TaskSettings(record.get("max_seq_length"), record.get("doc_stride"),
+                                record.get("max_query_length", 64))
+        labels = list(record.get("labels") or spec.labels or ())
+        return cls(_runner(folder, spec, threads), Tokenizer.from_pretrained(folder), spec, settings, labels,
+                   batch_size)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The keys every example needs."""
+        if self.task.kind == "qa":
+            return ("question", "context")
+        return ("text", "text_pair")[: len(self.task.glue.text_columns)]
+
+    def __call__(self, examples: Sequence[Example], progress: bool = False) -> list[dict]:
+        """One prediction per example, in order: {"label", "scores"} (classification), {"score"} (regression),
+        {"answer"} (QA; SQuAD 2.0 models also "null_odds": above the threshold means no answer, "")."""
+        for i, example in enumerate(examples):
+            check_example(example, self.fields, f"example {i + 1}")
+        if self.task.kind == "qa":
+            return self._answers(examples, progress)
+        return [row for batch in _chunks(examples, self.batch_size, progress) for row in self._classify(batch)]
+
+    def _classify(self, examples: Sequence[Example]) -> list[dict]:
+        second = [ex["text_pair"] for ex in examples] if len(self.fields) > 1 else None
+        batch = self.tokenizer.encode_pairs([ex["text"] for ex in examples], second,
+                                            max_length=self.settings.seq_length(self.task))
+        logits = self.run(batch)["logits"].astype(np.float64)
+        if self.task.kind == "regression":
+            return [{"score": float(v)} for v in logits[:, 0]]
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        return [{"label": self.labels[int(p.argmax())], "scores": dict(zip(self.labels, map(float, p), strict=True))}
+                for p in probs]
+
+    def _answers(self, examples: Sequence[Example], progress: bool) -> list[dict]:
+        squad = [SquadExample(str(i), "", ex["question"], ex["context"], []) for i, ex in enumerate(examples)]
+        s = self.settings
+        features = make_features(squad, self.tokenizer, s.seq_length(self.task), s.stride(self.task),
+                                 s.max_query_length, training=False)
+        starts, ends = [], []
+        for rows in _chunks(range(len(features.input_ids)), self.batch_size, progress):
+            rows = np.asarray(rows)
+            batch = {k: torch.as_tensor(getattr(features, k)[rows]).long()
+                     for k in ("input_ids", "attention_mask", "token_type_ids")}
+            out = self.run(batch)
+            starts.append(out["start_logits"])
+            ends.append(out["end_logits"])
+        version_2 = self.task.squad_version == "2.0"
+        answers = postprocess(squad, features, np.concatenate(starts), np.concatenate(ends), s.n_best_size,
+                              s.max_answer_length, version_2=version_2,
+                              null_score_diff_threshold=s.null_score_diff_threshold)
+        return [{"answer": answers.predictions[ex.qid],
+                 **({"null_odds": float(answers.null_odds[ex.qid])} if version_2 else {})} for ex in squad]
+
+
+def check_example(example: Example, fields: Sequence[str], where: str) -> None:
+    missing = [f for f in fields if not isinstance(example.get(f), str)]
+    if missing:
+        raise UserError(f"{where}: needs {' and '.join(fields)}; missing {', '.join(missing)}")
+    empty = [f for f in fields if not example[f].strip()]
+    if empty:
+        raise UserError(f"{where}: empty {', '.join(empty)}")
+
+
+def _chunks(items: Sequence, size: int, progress: bool) -> Iterator[Sequence]:
+    starts = range(0, len(items), size)
+    if progress and len(starts) > 1:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="predict", unit="batch", dynamic_ncols=True)
+    for begin in starts:
+        yield items[begin:begin + size]
+
+
+# ---- the model behind a predictor ----
+
+def _runner(folder: Path, task: Task, threads: int | None) -> Runner:
+    """The fine-tuned model as a function of a batch: eager PyTorch for a checkpoint, the exported format's runtime
+    for an export folder (the format named in its export.json)."""
+    record_path = folder / EXPORT_RECORD
+    if not record_path.is_file():
+        check_task_head(str(folder), task)
+        model = load_model(task, str(folder)).eval()
+        if threads:
+            torch.set_num_threads(threads)
+        return _eager(model)
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        fmt, files = record["format"], record["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{record_path}: not an export record ({e})") from None
+    from mobilebert.recipes.export import FORMATS
+
+    if fmt not in FORMATS:
+        raise UserError(f"{record_path}: unknown format {fmt!r}")
+    path = folder / FORMATS[fmt]
+    if not path.is_file():
+        raise UserError(f"{path}: missing (the export record lists {', '.join(files)})")
+    return _exported(fmt, path, folder, threads)
+
+
+def _eager(model: torch.nn.Module) -> Runner:
+    from mobilebert.deploy.export import output_fields
+
+    @torch.no_grad()
+    def run(batch: Batch) -> dict[str, np.ndarray]:
+        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        return {k: v.float().numpy() for k, v in output_fields(out).items()}
+
+    return run
+
+
+def _exported(fmt: str, path: Path, folder: Path, threads: int | None) -> Runner:
+    if fmt.startswith("onnx"):
+        from mobilebert.deploy.export import OnnxModel
+
+        model = OnnxModel(path, threads)
+    elif fmt.startswith("aoti"):
+        from mobilebert.deploy.aoti import AotiModel
+
+        model = AotiModel(path)
+    elif fmt.startswith("executorch"):
+        from mobilebert.deploy.mobile import ExecutorchModel
+
+        model = ExecutorchModel(path, threads)
+    elif fmt.startswith("tflite"):
+        from mobilebert.deploy.litert import TFLiteModel
+
+        model = TFLiteModel(path, threads)
+    else:  # torch-int8: a state dict of the dynamically quantized model
+        from mobilebert.deploy.quantize import quantize_torch_dynamic
+        from mobilebert.recipes.export import model_class
+
+        quantized = quantize_torch_dynamic(model_class(folder, None)(read_config(folder)))
+        quantized.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return _eager(quantized.eval())
+
+    def run(batch: Batch) -> dict[str, np.ndarray]:
+        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        return {k: np.asarray(v.float() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
+                for k, v in out.items()}
+
+    return run

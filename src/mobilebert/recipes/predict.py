@@ -1,0 +1,80 @@
+"""`mobilebert predict`: a fine-tuned model on the user's own text, one JSON line per example (see `Predictor`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mobilebert.errors import UserError
+from mobilebert.files import atomic_write
+from mobilebert.predict import Example, Predictor, check_example
+
+ALIASES = {"sentence": "text", "sentence1": "text", "sentence2": "text_pair", "premise": "text",
+           "hypothesis": "text_pair"}  # the hub's GLUE column names, accepted in JSON lines
+
+
+def main(args: argparse.Namespace) -> int:
+    predictor = Predictor.from_pretrained(args.model, task=args.task, threads=args.threads,
+                                          batch_size=args.batch_size)
+    fields = predictor.fields
+    if args.texts and args.input:
+        raise UserError("give the example's texts as arguments or --input FILE, not both")
+    if args.texts:
+        if len(args.texts) != len(fields):
+            raise UserError(f"{predictor.task.name} needs {len(fields)} text(s) per example ({', '.join(fields)}); "
+                            f"got {len(args.texts)}")
+        examples = [dict(zip(fields, args.texts, strict=True))]
+        check_example(examples[0], fields, "arguments")
+    else:
+        source = args.input or "-"
+        if source == "-" and sys.stdin.isatty():
+            raise UserError("no input: give an example's texts as arguments, --input FILE, or pipe lines in")
+        lines = sys.stdin.read().splitlines() if source == "-" else _read_lines(Path(source))
+        examples = read_examples(lines, fields, "standard input" if source == "-" else source)
+    predictions = predictor(examples, progress=len(examples) > predictor.batch_size)
+    text = "".join(json.dumps({"input": ex, **p}, ensure_ascii=False) + "\n"
+                   for ex, p in zip(examples, predictions, strict=True))
+    if args.out:
+        atomic_write(Path(args.out), lambda p: p.write_text(text, encoding="utf-8"))
+        print(f"{len(examples)} predictions written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"{path}: no such input file")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_examples(lines: Sequence[str], fields: Sequence[str], where: str) -> list[Example]:
+    """Examples from JSON lines (objects with the task's keys) or TSV lines (one column per key); blank lines are
+    skipped. A line that is neither names its number and what was expected."""
+    examples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where} line {number}: not valid JSON ({e.msg})") from None
+            example = {ALIASES.get(k, k): v for k, v in record.items() if ALIASES.get(k, k) in fields}
+        else:
+            columns = line.split("\t")
+            if len(columns) != len(fields):
+                raise UserError(f"{where} line {number}: {len(columns)} tab-separated column(s); this task needs "
+                                f"{len(fields)} ({', '.join(fields)})")
+            example = dict(zip(fields, columns, strict=True))
+        check_example(example, fields, f"{where} line {number}")
+        examples.append(example)
+    if not examples:
+        raise UserError(f"{where}: no examples")
+    return examples

@@ -1,0 +1,165 @@
+"""`mobilebert predict` and `Predictor`: each task family, from a checkpoint and from an ONNX export, gives what
+`evaluate`'s model gives on the same text; inputs from arguments, TSV, JSON lines and standard input; bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from test_finetune import FILES, SQUAD, write_files
+
+from mobilebert.cli import main as cli
+from mobilebert.config import preset
+from mobilebert.data.tasks import get_task
+from mobilebert.finetuning import TaskSettings, load_model, load_split, predict, qa_answers, recorded_settings
+from mobilebert.heads import MobileBertForPreTraining
+from mobilebert.predict import Predictor
+from mobilebert.tokenizer import Tokenizer
+
+TASKS = {"cola": "glue", "rte": "glue", "stsb": "glue", "squad1": "squad"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """A tiny checkpoint fine-tuned on CoLA (one text), RTE (pairs), STS-B (regression) and SQuAD, and the RTE and
+    SQuAD models exported to ONNX."""
+    root = tmp_path_factory.mktemp("predict")
+    write_files(root / "glue", FILES)
+    (root / "squad").mkdir()
+    for name in ("train-v1.1.json", "dev-v1.1.json"):
+        (root / "squad" / name).write_text(json.dumps(SQUAD))
+    sentences = [line for lines in FILES.values() for line in lines]
+    sentences += [SQUAD["data"][0]["paragraphs"][0]["context"], "who what over"]
+    tokenizer = Tokenizer.train([sentences], vocab_size=400, min_frequency=1)
+    torch.manual_seed(0)
+    MobileBertForPreTraining(preset("mobilebert-test", vocab_size=tokenizer.vocab_size)).save_pretrained(
+        root / "pretrained", tokenizer)
+    for task, data in TASKS.items():
+        lengths = ["--task.doc_stride", "8", "--task.max_query_length", "8"] if data == "squad" else []
+        assert cli(["finetune", "--checkpoint", str(root / "pretrained"), "--task", task, "--task.data_dir",
+                    str(root / data), "--task.max_seq_length", "32", *lengths, "--search.epochs", "[1]",
+                    "--search.batch_size", "[2]", "--train.tensorboard", "false", "--out", str(root / task)]) == 0
+    (root / "calibration.txt").write_text("The cat sat.\tA cat was sitting.\nWho jumps?\tThe fox jumps.\n")
+    assert cli(["export", str(root / "rte" / "final"), "--format", "torch-int8", "--out", str(root / "rte-int8"),
+                "--max-seq-length", "32", "--calibration-text", str(root / "calibration.txt")]) == 0
+    for task in ("rte", "squad1"):
+        assert cli(["export", str(root / task / "final"), "--format", "onnx", "--out", str(root / f"{task}-onnx"),
+                    "--max-seq-length", "32", "--calibration-text", str(root / "calibration.txt")]) == 0
+    return root
+
+
+def reference(root: Path, task_name: str, model_dir: Path):
+    """What `evaluate` computes: the task's train split through `finetuning.predict` at the recorded settings."""
+    task = get_task(task_name)
+    record = recorded_settings(str(model_dir))
+    settings = TaskSettings(record["max_seq_length"], record["doc_stride"], record["max_query_length"])
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    data = load_split(task, "train", str(root / TASKS[task_name]), tokenizer, settings, training=False)
+    logits = predict(load_model(task, str(model_dir)), data, tokenizer, settings)
+    return task, settings, data, logits
+
+
+@pytest.mark.parametrize("task_name", ["cola", "rte", "stsb"])
+def test_text_tasks_match_evaluate_from_a_checkpoint(models, task_name):
+    task, _, data, logits = reference(models, task_name, models / task_name / "final")
+    predictor = Predictor.from_pretrained(models / task_name / "final")
+    fields = ("text", "text_pair")
+    examples = [dict(zip(fields, ex.texts, strict=False)) for ex in data.texts]
+    out = predictor(examples)
+    if task.kind == "regression":
+        np.testing.assert_allclose([o["score"] for o in out], logits, rtol=1e-5, atol=1e-6)
+        return
+    probs = torch.tensor(logits).softmax(-1).numpy()
+    assert [o["label"] for o in out] == [task.labels[i] for i in logits.argmax(-1)]
+    np.testing.assert_allclose([[o["scores"][label] for label in task.labels] for o in out], probs, rtol=1e-5)
+
+
+def test_qa_answers_match_evaluate_and_long_contexts_are_windowed(models):
+    task, settings, data, logits = reference(models, "squad1", models / "squad1" / "final")
+    assert len(data.features.input_ids) > len(data.squad)  # the 32-token windows cut the context: several each
+    expected = qa_answers(data, logits, settings).predictions
+    questions = [{"question": ex.question, "context": ex.context} for ex in data.squad]
+    for model in ("squad1/final", "squad1-onnx"):
+        answers = Predictor.from_pretrained(models / model)(questions)
+        assert [a["answer"] for a in answers] == [expected[ex.qid] for ex in data.squad], model
+
+
+def test_an_onnx_export_predicts_what_its_checkpoint_does(models):
+    examples = [{"text": "Dana Reeve died.", "text_pair": "Reeve died."}, {"text": "The cat sat.",
+                                                                         "text_pair": "A dog ran away quickly."}]
+    eager = Predictor.from_pretrained(models / "rte" / "final")(examples)
+    onnx = Predictor.from_pretrained(models / "rte-onnx")(examples)
+    assert [o["label"] for o in onnx] == [o["label"] for o in eager]
+    for a, b in zip(onnx, eager, strict=True):
+        assert a["scores"] == pytest.approx(b["scores"], rel=1e-4)
+
+
+@pytest.fixture
+def run_predict(capsys, monkeypatch):
+    """`mobilebert predict ARGS` in this process (standard input from `stdin`): returncode, stdout, stderr."""
+    def run(*args: str, stdin: str | None = None) -> SimpleNamespace:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin or ""))
+        code = cli(["predict", *args])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
+
+
+def test_command_reads_arguments_tsv_json_lines_and_standard_input(models, tmp_path, run_predict):
+    rte = str(models / "rte" / "final")
+    single = run_predict(rte, "Dana Reeve died.", "Reeve died.")
+    assert single.returncode == 0, single.stderr
+    line = json.loads(single.stdout)
+    assert line["input"] == {"text": "Dana Reeve died.", "text_pair": "Reeve died."}
+    assert line["label"] in ("entailment", "not_entailment") and sum(line["scores"].values()) == pytest.approx(1)
+    (tmp_path / "pairs.tsv").write_text("Dana Reeve died.\tReeve died.\n\nThe cat sat.\tA cat sat.\n")
+    (tmp_path / "pairs.jsonl").write_text('{"sentence1": "Dana Reeve died.", "sentence2": "Reeve died."}\n'
+                                          '{"text": "The cat sat.", "text_pair": "A cat sat."}\n')
+    from_tsv = run_predict(rte, "--input", str(tmp_path / "pairs.tsv"), "--out", str(tmp_path / "out.jsonl"))
+    assert from_tsv.returncode == 0, from_tsv.stderr
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    from_json = run_predict(rte, "--input", str(tmp_path / "pairs.jsonl"))
+    from_stdin = run_predict(rte, stdin=(tmp_path / "pairs.tsv").read_text())
+    assert rows == [json.loads(x) for x in from_json.stdout.splitlines()] == [
+        json.loads(x) for x in from_stdin.stdout.splitlines()]
+    assert len(rows) == 2 and rows[0]["label"] == line["label"]
+    qa = run_predict(str(models / "squad1" / "final"), "Who jumps?", SQUAD["data"][0]["paragraphs"][0]["context"])
+    assert qa.returncode == 0 and isinstance(json.loads(qa.stdout)["answer"], str), qa.stderr
+
+
+@pytest.mark.parametrize("args, stdin, message", [
+    (["{rte}", "only one text"], None, "rte needs 2 text(s) per example (text, text_pair); got 1"),
+    (["{rte}", "", "Reeve died."], None, "arguments: empty text"),
+    (["{rte}"], "one column only\n", "standard input line 1: 1 tab-separated column(s); this task needs 2"),
+    (["{rte}"], "a\t\n", "standard input line 1: empty text_pair"),
+    (["{rte}"], '{"text": "a", "text_pair": \n', "standard input line 1: not valid JSON"),
+    (["{rte}", "--input", "{missing}"], None, "no such input file"),
+    (["{pretrained}", "a", "b"], None, "no finetuning.json"),
+    (["{pretrained}", "--task", "rte", "a", "b"], None, "has no rte head"),
+])
+def test_bad_input_is_one_line(models, tmp_path, run_predict, args, stdin, message):
+    names = {"rte": models / "rte" / "final", "pretrained": models / "pretrained", "missing": tmp_path / "nope.tsv"}
+    result = run_predict(*[a.format(**names) for a in args], stdin=stdin)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+def test_a_torch_int8_export_runs_the_quantized_model(models):
+    from mobilebert.deploy.quantize import quantize_torch_dynamic
+
+    examples = [{"text": "Dana Reeve died.", "text_pair": "Reeve died."}]
+    predictor = Predictor.from_pretrained(models / "rte-int8")
+    batch = predictor.tokenizer.encode_pairs(["Dana Reeve died."], ["Reeve died."], max_length=32)
+    quantized = quantize_torch_dynamic(load_model(get_task("rte"), str(models / "rte" / "final")).eval())
+    with torch.no_grad():
+        expected = quantized(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits.softmax(-1)
+    scores = predictor(examples)[0]["scores"]
+    assert [scores[label] for label in ("entailment", "not_entailment")] == pytest.approx(expected[0].tolist(),
+                                                                                         rel=1e-5)
