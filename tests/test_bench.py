@@ -96,8 +96,9 @@ def test_backend_and_head_names_agree_across_bench_export_and_the_accuracy_bench
 
     from mobilebert.deploy.bench import BUILDERS
     from mobilebert.deploy.optimize import _HEADS
+    from mobilebert.deploy.runners import FORMATS
     from mobilebert.heads import TASK_MODELS
-    from mobilebert.recipes.export import FORMATS, TASKS
+    from mobilebert.recipes.export import TASKS
 
     static_only = {"onnx-int8-static"}  # calibrated on text: no random-weight bench backend
     assert set(FORMATS) - static_only <= set(BUILDERS)

@@ -14,7 +14,7 @@ and answered by the same post-processing as SQuAD evaluation.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +24,13 @@ import torch
 from mobilebert.checkpoint import read_config, resolve
 from mobilebert.data.squad import SquadExample, make_features, postprocess
 from mobilebert.data.tasks import Task, get_task
+from mobilebert.deploy.runners import FORMATS, Runner, eager_runner, open_exported
 from mobilebert.errors import UserError
 from mobilebert.finetuning import FINETUNING_FILE, TaskSettings, check_task_head, load_model, recorded_settings
 from mobilebert.tokenizer import Tokenizer
 
 Example = dict[str, str]
 Batch = dict[str, torch.Tensor]
-Runner = Callable[[Batch], dict[str, np.ndarray]]  # model inputs -> outputs by name (logits, start/end_logits)
 
 EXPORT_RECORD = "export.json"  # written by `mobilebert export` beside the exported model
 
@@ -140,64 +140,23 @@ def _runner(folder: Path, task: Task, threads: int | None) -> Runner:
     record_path = folder / EXPORT_RECORD
     if not record_path.is_file():
         check_task_head(str(folder), task)
-        model = load_model(task, str(folder)).eval()
         if threads:
             torch.set_num_threads(threads)
-        return _eager(model)
+        return eager_runner(load_model(task, str(folder)).eval())
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
         fmt, files = record["format"], record["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{record_path}: not an export record ({e})") from None
-    from mobilebert.recipes.export import FORMATS
-
     if fmt not in FORMATS:
         raise UserError(f"{record_path}: unknown format {fmt!r}")
     path = folder / FORMATS[fmt]
     if not path.is_file():
         raise UserError(f"{path}: missing (the export record lists {', '.join(files)})")
-    return _exported(fmt, path, folder, threads)
 
-
-def _eager(model: torch.nn.Module) -> Runner:
-    from mobilebert.deploy.export import output_fields
-
-    @torch.no_grad()
-    def run(batch: Batch) -> dict[str, np.ndarray]:
-        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        return {k: v.float().numpy() for k, v in output_fields(out).items()}
-
-    return run
-
-
-def _exported(fmt: str, path: Path, folder: Path, threads: int | None) -> Runner:
-    if fmt.startswith("onnx"):
-        from mobilebert.deploy.export import OnnxModel
-
-        model = OnnxModel(path, threads)
-    elif fmt.startswith("aoti"):
-        from mobilebert.deploy.aoti import AotiModel
-
-        model = AotiModel(path)
-    elif fmt.startswith("executorch"):
-        from mobilebert.deploy.mobile import ExecutorchModel
-
-        model = ExecutorchModel(path, threads)
-    elif fmt.startswith("tflite"):
-        from mobilebert.deploy.litert import TFLiteModel
-
-        model = TFLiteModel(path, threads)
-    else:  # torch-int8: a state dict of the dynamically quantized model
-        from mobilebert.deploy.quantize import quantize_torch_dynamic
+    def float_model() -> torch.nn.Module:  # what a torch-int8 state dict was quantized from
         from mobilebert.recipes.export import model_class
 
-        quantized = quantize_torch_dynamic(model_class(folder, None)(read_config(folder)))
-        quantized.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return _eager(quantized.eval())
+        return model_class(folder, None)(read_config(folder))
 
-    def run(batch: Batch) -> dict[str, np.ndarray]:
-        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        return {k: np.asarray(v.float() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
-                for k, v in out.items()}
-
-    return run
+    return open_exported(fmt, path, threads, torch_int8_model=float_model)

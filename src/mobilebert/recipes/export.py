@@ -12,7 +12,6 @@ import argparse
 import json
 import platform
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from torch import nn
 from mobilebert.checkpoint import CONFIG_NAME, TOKENIZER_FILES, read_config, resolve
 from mobilebert.deploy.export import (
     DEFAULT_OPSET,
-    OnnxModel,
     argmax_agreement,
     eager_outputs,
     example_batch,
@@ -39,6 +37,7 @@ from mobilebert.deploy.quantize import (
     quantize_torch_dynamic,
     state_dict_size,
 )
+from mobilebert.deploy.runners import FORMATS, Runner, open_exported
 from mobilebert.errors import UserError
 from mobilebert.files import atomic_write
 from mobilebert.finetuning import FINETUNING_FILE
@@ -47,10 +46,6 @@ from mobilebert.model import MobileBertModel
 from mobilebert.tables import format_table
 from mobilebert.tokenizer import Tokenizer
 
-FORMATS = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-int8-static": "model-int8-static.onnx",
-           "torch-int8": "torch-int8.pt", "aoti": "model.pt2", "aoti-bf16": "model-bf16.pt2",
-           "executorch": "model.pte", "executorch-int8": "model-int8.pte", "tflite": "model.tflite",
-           "tflite-int8": "model-int8.tflite"}
 TASKS = {"backbone": "MobileBertModel", "pretraining": "MobileBertForPreTraining", "masked-lm": "MobileBertForMaskedLM",
          "nsp": "MobileBertForNextSentencePrediction", "seq-classification": "MobileBertForSequenceClassification",
          "multiple-choice": "MobileBertForMultipleChoice", "token-classification": "MobileBertForTokenClassification",
@@ -60,7 +55,6 @@ EVAL_EXAMPLES = 32  # held-out examples for the parity and agreement figures
 CALIBRATION_BATCH = 16
 
 Pair = tuple[str, "str | None"]  # one example of text: a single text, or a pair such as (question, context)
-Runner = Callable[[dict[str, torch.Tensor]], dict[str, np.ndarray]]  # an exported model on a batch: outputs by name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -155,25 +149,26 @@ def export(model: nn.Module, args: argparse.Namespace, out: Path, tokenizer: Tok
            calibration: list[Pair]) -> tuple[dict[str, int], int, dict[str, Runner]]:
     """Write the format's files. Returns their sizes, the fp32 size, and a runner for each exported model."""
     if args.format in ("aoti", "aoti-bf16"):
-        from mobilebert.deploy.aoti import AotiModel, export_aoti
+        from mobilebert.deploy.aoti import export_aoti
 
         bf16 = args.format == "aoti-bf16"
         print("compiling with AOTInductor (seconds for the small presets; MobileBERT: about a minute in fp32, two in "
               "bf16)")
         path = export_aoti(model, out / FORMATS[args.format], torch.bfloat16 if bf16 else None, args.threads)
-        return {path.name: file_size(path)}, state_dict_size(model), {"bf16" if bf16 else "fp32": _run(AotiModel(path))}
+        return {path.name: file_size(path)}, state_dict_size(model), {"bf16" if bf16 else "fp32":
+                                                                      open_exported(args.format, path)}
     if args.format in ("executorch", "executorch-int8"):
-        from mobilebert.deploy.mobile import ExecutorchModel, export_executorch
+        from mobilebert.deploy.mobile import export_executorch
 
         int8 = args.format == "executorch-int8"
         print("lowering to ExecuTorch with XNNPACK (seconds for the small presets; MobileBERT: about a minute, two "
               "with int8)")
         path = export_executorch(model, out / FORMATS[args.format], length=_length(model, args.max_seq_length),
                                  choices=args.choices, int8=int8)
-        program = ExecutorchModel(path, args.threads)
-        return {path.name: file_size(path)}, state_dict_size(model), {"int8" if int8 else "fp32": _run(program)}
+        program = open_exported(args.format, path, args.threads)
+        return {path.name: file_size(path)}, state_dict_size(model), {"int8" if int8 else "fp32": program}
     if args.format in ("tflite", "tflite-int8"):
-        from mobilebert.deploy.litert import TFLiteModel, export_tflite
+        from mobilebert.deploy.litert import export_tflite
 
         int8 = args.format == "tflite-int8"
         lengths = sorted({_length(model, n) for n in args.lengths or [args.max_seq_length]})  # within positions
@@ -181,7 +176,7 @@ def export(model: nn.Module, args: argparse.Namespace, out: Path, tokenizer: Tok
               "presets; MobileBERT: about 20 s each)")
         path = export_tflite(model, out / FORMATS[args.format], lengths=lengths, choices=args.choices, int8=int8)
         return {path.name: file_size(path)}, state_dict_size(model), {"int8" if int8 else "fp32":
-                                                                      _run(TFLiteModel(path, args.threads))}
+                                                                      open_exported(args.format, path, args.threads)}
     if args.format == "torch-int8":
         quantized = quantize_torch_dynamic(model)
         path = out / FORMATS["torch-int8"]
@@ -198,7 +193,7 @@ def export(model: nn.Module, args: argparse.Namespace, out: Path, tokenizer: Tok
                    for i in range(0, len(calibration), CALIBRATION_BATCH)]
         paths["int8"] = quantize_onnx_static(fp32, out / FORMATS["onnx-int8-static"], batches,
                                              method=args.calibration_method)
-    runners = {name: _onnx_runner(path, args.threads) for name, path in paths.items()}
+    runners = {name: open_exported("onnx", path, args.threads) for name, path in paths.items()}
     return {p.name: file_size(p) for p in paths.values()}, file_size(fp32), runners
 
 
@@ -211,16 +206,6 @@ def compare(model: nn.Module, runners: dict[str, Runner], batch: dict[str, torch
         parity[name] = {"relative_error": relative_errors(candidate, reference),
                         "argmax_agreement": argmax_agreement(candidate, reference, batch["attention_mask"])}
     return parity
-
-
-def _run(exported: Callable[..., dict[str, torch.Tensor]]) -> Runner:
-    """A runner for an exported model that returns torch tensors by name (AOTInductor, ExecuTorch)."""
-    return lambda batch: {name: t.float().numpy() for name, t in exported(**batch).items()}
-
-
-def _onnx_runner(path: Path, threads: int | None) -> Runner:
-    session = OnnxModel(path, threads)
-    return lambda batch: session(**batch)
 
 
 # ---- inputs ----

@@ -1,0 +1,73 @@
+"""Every exported format behind one call: `open_exported(format, path)` gives a function of a batch (input_ids,
+attention_mask, token_type_ids) that returns the model's outputs by name as float32 numpy arrays.
+
+`mobilebert export` checks its files through these runners, and `mobilebert predict` runs them. The runtimes are
+imported only for the format asked for (each is an optional, sizeable dependency).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Format name -> the file `mobilebert export --format NAME` writes.
+FORMATS = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-int8-static": "model-int8-static.onnx",
+           "torch-int8": "torch-int8.pt", "aoti": "model.pt2", "aoti-bf16": "model-bf16.pt2",
+           "executorch": "model.pte", "executorch-int8": "model-int8.pte", "tflite": "model.tflite",
+           "tflite-int8": "model-int8.tflite"}
+
+Runner = Callable[[dict[str, torch.Tensor]], dict[str, np.ndarray]]  # a batch -> outputs by name
+
+
+def open_exported(fmt: str, path: str | Path, threads: int | None = None,
+                  torch_int8_model: Callable[[], torch.nn.Module] | None = None) -> Runner:
+    """The runner of an exported file. torch-int8 files are state dicts: `torch_int8_model` builds the float model
+    they were quantized from (its class and config), which is quantized the same way before loading them."""
+    if fmt.startswith("onnx"):
+        from mobilebert.deploy.export import OnnxModel
+
+        return as_runner(OnnxModel(path, threads))
+    if fmt.startswith("aoti"):
+        from mobilebert.deploy.aoti import AotiModel
+
+        return as_runner(AotiModel(path))
+    if fmt.startswith("executorch"):
+        from mobilebert.deploy.mobile import ExecutorchModel
+
+        return as_runner(ExecutorchModel(path, threads))
+    if fmt.startswith("tflite"):
+        from mobilebert.deploy.litert import TFLiteModel
+
+        return as_runner(TFLiteModel(path, threads))
+    if fmt == "torch-int8" and torch_int8_model is not None:
+        from mobilebert.deploy.quantize import quantize_torch_dynamic
+
+        quantized = quantize_torch_dynamic(torch_int8_model())
+        quantized.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return eager_runner(quantized.eval())
+    raise ValueError(f"no runner for format {fmt!r}")
+
+
+def as_runner(model: Callable[..., dict]) -> Runner:
+    """An exported model's runtime (outputs by name, as tensors or arrays) as a runner."""
+    def run(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return {k: (v.float().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=np.float32))
+                for k, v in out.items()}
+
+    return run
+
+
+def eager_runner(model: torch.nn.Module) -> Runner:
+    """One of our (eval-mode) PyTorch models as a runner."""
+    from mobilebert.deploy.export import output_fields
+
+    @torch.no_grad()
+    def run(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return {k: v.float().numpy() for k, v in output_fields(out).items()}
+
+    return run
