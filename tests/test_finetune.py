@@ -38,26 +38,34 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           env={"MOBILEBERT_CACHE": str(cwd / "cache"), "PATH": "/usr/bin:/bin"})
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A tiny pre-training checkpoint with a tokenizer that knows the test files' words."""
-    root = tmp_path_factory.mktemp("finetune")
+def tiny_pretrained(folder: Path) -> Path:
+    """A tiny pre-training checkpoint with a tokenizer that knows the test files' words (also used by the task
+    distillation and predict tests)."""
     sentences = [line for lines in FILES.values() for line in lines]
     sentences += [SQUAD["data"][0]["paragraphs"][0]["context"], "who what over"]
     tokenizer = Tokenizer.train([sentences], vocab_size=400, min_frequency=1)
     torch.manual_seed(0)
     model = MobileBertForPreTraining(preset("mobilebert-test", vocab_size=tokenizer.vocab_size))
-    return model.save_pretrained(root / "pretrained", tokenizer)
+    return model.save_pretrained(folder, tokenizer)
 
 
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
+def write_task_data(root: Path) -> Path:
+    """root/glue: every GLUE task's original-format TSVs; root/squad: a SQuAD v1.1 train and dev file."""
     write_files(root / "glue", FILES)
     (root / "squad").mkdir()
     for name in ("train-v1.1.json", "dev-v1.1.json"):
         (root / "squad" / name).write_text(json.dumps(SQUAD))
     return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return tiny_pretrained(tmp_path_factory.mktemp("finetune") / "pretrained")
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory) -> Path:
+    return write_task_data(tmp_path_factory.mktemp("data"))
 
 
 FAST = ["--train.log_every", "1", "--task.max_seq_length", "32", "--search.epochs", "[2]", "--search.batch_size",
@@ -310,22 +318,28 @@ def test_a_position_table_shorter_than_the_task_is_refused_before_anything_is_wr
     assert not (tmp_path / "run").exists()  # the retry needs no --overwrite
 
 
+def kill_at_checkpoint(args: list[str], out: Path, checkpoint_glob: str) -> None:
+    """Run `mobilebert ARGS --out OUT` and SIGKILL it as soon as a checkpoint matching the glob appears, before
+    the run has finished (also used by the task distillation tests)."""
+    victim = subprocess.Popen([sys.executable, "-m", "mobilebert", *args, "--out", str(out)], cwd=out.parent,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={"MOBILEBERT_CACHE": str(out.parent / "cache"), "PATH": "/usr/bin:/bin"})
+    deadline = time.time() + 300
+    while not list(out.glob(checkpoint_glob)):
+        assert victim.poll() is None and time.time() < deadline, "ended before a checkpoint was seen"
+        time.sleep(0.002)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (out / "results.json").exists(), "killed too late to test anything"
+
+
 def test_sigkill_mid_trial_then_resume_gives_the_same_model(checkpoint, data_dirs, tmp_path):
     args = ["finetune", "--checkpoint", str(checkpoint), "--task", "rte", "--task.data_dir", str(data_dirs / "glue"),
             *FAST[:4], "--search.epochs", "[12]", "--search.batch_size", "[1]", "--train.tensorboard", "false",
             "--train.checkpoint_every", "2"]
     assert run_cli(*args, "--out", str(tmp_path / "ref"), cwd=tmp_path).returncode == 0
     cut = tmp_path / "cut"
-    victim = subprocess.Popen([sys.executable, "-m", "mobilebert", *args, "--out", str(cut)], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={"MOBILEBERT_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
-    deadline = time.time() + 300
-    while not list(cut.glob("trials/*/checkpoints/step-6")):
-        assert victim.poll() is None and time.time() < deadline, "ended before a checkpoint was seen"
-        time.sleep(0.002)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert not (cut / "results.json").exists(), "killed too late to test anything"
+    kill_at_checkpoint(args, cut, "trials/*/checkpoints/step-6")
     resumed = run_cli(*args, "--out", str(cut), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     a, b = (load_file(run / "final" / "model.safetensors") for run in (tmp_path / "ref", cut))

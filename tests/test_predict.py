@@ -12,13 +12,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_finetune import FILES, SQUAD, write_files
+from test_finetune import SQUAD, tiny_pretrained, write_task_data
 
 from mobilebert.cli import main as cli
-from mobilebert.config import preset
 from mobilebert.data.tasks import get_task
 from mobilebert.finetuning import TaskSettings, load_model, load_split, predict, qa_answers, recorded_settings
-from mobilebert.heads import MobileBertForPreTraining
 from mobilebert.predict import Predictor
 from mobilebert.tokenizer import Tokenizer
 
@@ -29,17 +27,8 @@ TASKS = {"cola": "glue", "rte": "glue", "stsb": "glue", "squad1": "squad"}
 def models(tmp_path_factory) -> Path:
     """A tiny checkpoint fine-tuned on CoLA (one text), RTE (pairs), STS-B (regression) and SQuAD, and the RTE and
     SQuAD models exported to ONNX."""
-    root = tmp_path_factory.mktemp("predict")
-    write_files(root / "glue", FILES)
-    (root / "squad").mkdir()
-    for name in ("train-v1.1.json", "dev-v1.1.json"):
-        (root / "squad" / name).write_text(json.dumps(SQUAD))
-    sentences = [line for lines in FILES.values() for line in lines]
-    sentences += [SQUAD["data"][0]["paragraphs"][0]["context"], "who what over"]
-    tokenizer = Tokenizer.train([sentences], vocab_size=400, min_frequency=1)
-    torch.manual_seed(0)
-    MobileBertForPreTraining(preset("mobilebert-test", vocab_size=tokenizer.vocab_size)).save_pretrained(
-        root / "pretrained", tokenizer)
+    root = write_task_data(tmp_path_factory.mktemp("predict"))
+    tiny_pretrained(root / "pretrained")
     for task, data in TASKS.items():
         lengths = ["--task.doc_stride", "8", "--task.max_query_length", "8"] if data == "squad" else []
         assert cli(["finetune", "--checkpoint", str(root / "pretrained"), "--task", task, "--task.data_dir",

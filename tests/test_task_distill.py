@@ -6,17 +6,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_finetune import FILES, SQUAD, read_jsonl, write_files
+from test_finetune import FILES, kill_at_checkpoint, read_jsonl, tiny_pretrained, write_task_data
 
 from mobilebert.cli import main as cli
 from mobilebert.config import preset
@@ -31,17 +27,8 @@ FAST = ["--train.log_every", "1", "--task.max_seq_length", "32", "--search.epoch
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
     """A tiny pre-trained student, and teachers fine-tuned from it on RTE and on SQuAD (same vocabulary)."""
-    root = tmp_path_factory.mktemp("task-kd")
-    write_files(root / "glue", FILES)
-    (root / "squad").mkdir()
-    for name in ("train-v1.1.json", "dev-v1.1.json"):
-        (root / "squad" / name).write_text(json.dumps(SQUAD))
-    sentences = [line for lines in FILES.values() for line in lines]
-    sentences += [SQUAD["data"][0]["paragraphs"][0]["context"], "who what over"]
-    tokenizer = Tokenizer.train([sentences], vocab_size=400, min_frequency=1)
-    torch.manual_seed(0)
-    MobileBertForPreTraining(preset("mobilebert-test", vocab_size=tokenizer.vocab_size)).save_pretrained(
-        root / "student", tokenizer)
+    root = write_task_data(tmp_path_factory.mktemp("task-kd"))
+    tiny_pretrained(root / "student")
     assert cli(["finetune", "--checkpoint", str(root / "student"), "--task", "rte", "--task.data_dir",
                 str(root / "glue"), *FAST, "--out", str(root / "teacher-rte")]) == 0
     assert cli(["finetune", "--checkpoint", str(root / "student"), "--task", "squad1", "--task.data_dir",
@@ -135,15 +122,7 @@ def test_sigkill_then_resume_with_a_teacher_is_exact(setup, tmp_path):
             "--train.checkpoint_every", "2"]
     assert cli([*args, "--out", str(tmp_path / "ref")]) == 0
     cut = tmp_path / "cut"
-    victim = subprocess.Popen([sys.executable, "-m", "mobilebert", *args, "--out", str(cut)], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list(cut.glob("trials/*/checkpoints/step-6")):
-        assert victim.poll() is None and time.time() < deadline, "ended before a checkpoint was seen"
-        time.sleep(0.002)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert not (cut / "results.json").exists(), "killed too late to test anything"
+    kill_at_checkpoint(args, cut, "trials/*/checkpoints/step-6")
     assert cli([*args, "--out", str(cut), "--resume"]) == 0
     a, b = weights(tmp_path / "ref"), weights(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
