@@ -43,7 +43,7 @@ def test_bench_runs_every_default_backend_and_prints_json_last(tmp_path):
 
 
 def test_bench_measures_peak_memory_in_fresh_processes(tmp_path):
-    report = run_bench(tmp_path, "--backends", "eager", "torch-int8", "hf-bert-base")
+    report = run_bench(tmp_path, "--backends", "eager", "hf-bert-base")
     rows = {r["backend"]: r for r in report["results"]}
     assert all(row["peak_mb"] > 0 for row in rows.values())
     # Peak memory holds at least the weights: BERT-base's 86M parameters (at this preset's vocabulary) are 344 MB.
