@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 import mobilebert as mb
-from mobilebert.deploy.bench import Backend, build_backends, measure, random_inputs
+from mobilebert.deploy.backends import Backend, build_backends, random_inputs
+from mobilebert.deploy.bench import measure
 from mobilebert.deploy.mobile import ExecutorchModel, export_executorch
 from mobilebert.tables import format_table
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from mobilebert.deploy.bench import BF16, DEFAULT_BACKENDS, Backend, in_fresh_processes, measure, random_inputs
+from mobilebert.deploy.backends import BF16, DEFAULT_BACKENDS, Backend, random_inputs
+from mobilebert.deploy.bench import in_fresh_processes, measure
 
 
 def run_bench(cwd, *args: str) -> dict:
@@ -94,7 +95,7 @@ def test_backend_and_head_names_agree_across_bench_export_and_the_accuracy_bench
     import importlib.util
     from pathlib import Path
 
-    from mobilebert.deploy.bench import BUILDERS
+    from mobilebert.deploy.backends import BUILDERS
     from mobilebert.deploy.optimize import _HEADS
     from mobilebert.deploy.runners import FORMATS
     from mobilebert.heads import TASK_MODELS

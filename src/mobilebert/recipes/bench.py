@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 from mobilebert.config import preset
-from mobilebert.deploy.bench import BUILDERS, DEFAULT_BACKENDS, format_results, plot, run_bench
+from mobilebert.deploy.backends import BUILDERS, DEFAULT_BACKENDS
+from mobilebert.deploy.bench import format_results, plot, run_bench
 from mobilebert.errors import UserError
 
 
