@@ -91,6 +91,17 @@ class FusedEmbeddings(nn.Module):
         return h if self.norm is None else self.norm(h)  # (N, D)
 
 
+class FFNWeights(NamedTuple):
+    """One stacked FFN: its up projection, then the `Sublayer` of its down projection, flat."""
+
+    up_t: torch.Tensor
+    up_bias: torch.Tensor
+    down_t: torch.Tensor
+    down_bias: torch.Tensor | None
+    down_scale: torch.Tensor | None
+    down_norm: nn.Module | None
+
+
 class BlockWeights(NamedTuple):
     """Plain references to a block's tensors and norms (see `FusedBlock.weights`)."""
 
@@ -101,7 +112,7 @@ class BlockWeights(NamedTuple):
     qkv_t: torch.Tensor | None
     qkv_bias: torch.Tensor | None
     attention: Sublayer
-    ffns: tuple[tuple, ...]  # per FFN: (up_t, up_bias, *Sublayer of the down projection)
+    ffns: tuple[FFNWeights, ...]
     act: Callable[[torch.Tensor], torch.Tensor]
     output: Sublayer
 
@@ -183,14 +194,16 @@ class FusedBlock(nn.Module):
             scales = [None] * F_ if self.ffn_scale is None else self.ffn_scale.unbind(0)
             norms = [None] * F_ if self.ffn_norms is None else list(self.ffn_norms)
             down_biases = [None] * F_ if self.ffn_down_bias is None else self.ffn_down_bias.unbind(0)
-            ffns = tuple(zip(self.ffn_up_t.unbind(0), self.ffn_up_bias.unbind(0), self.ffn_down_t.unbind(0),
-                             down_biases, scales, norms, strict=True))
+            ffns = tuple(FFNWeights(*ffn) for ffn in zip(self.ffn_up_t.unbind(0), self.ffn_up_bias.unbind(0),
+                                                         self.ffn_down_t.unbind(0), down_biases, scales, norms,
+                                                         strict=True))
             if self.ffns_own_storage:  # for inductor (see `mobilebert.deploy.compiled`)
-                ffns = tuple(tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ffn) for ffn in ffns)
+                ffns = tuple(FFNWeights(*(t.clone() if isinstance(t, torch.Tensor) else t for t in ffn))
+                             for ffn in ffns)
             self._weights = BlockWeights(
                 self.in_t, self.in_bias, self.input_norm, self.qk_norm, self.qkv_t, self.qkv_bias,
-                (self.attention_t, self.attention_bias, self.attention_scale, self.attention_norm), ffns, self.act,
-                (self.output_t, self.output_bias, self.output_scale, self.output_norm))
+                Sublayer(self.attention_t, self.attention_bias, self.attention_scale, self.attention_norm), ffns,
+                self.act, Sublayer(self.output_t, self.output_bias, self.output_scale, self.output_norm))
         return self._weights
 
     def _apply(self, fn, recurse=True):
@@ -227,10 +240,10 @@ class FusedBlock(nn.Module):
     def _weights_as(self, layout: Callable[[torch.Tensor], torch.Tensor]) -> BlockWeights:
         """`weights()` with every (in, out) matrix passed through `layout`."""
         w = self.weights()
-        ffns = tuple((layout(up_t), up_bias, layout(down_t), *rest) for up_t, up_bias, down_t, *rest in w.ffns)
+        ffns = tuple(ffn._replace(up_t=layout(ffn.up_t), down_t=layout(ffn.down_t)) for ffn in w.ffns)
         return w._replace(in_t=layout(w.in_t), qkv_t=None if w.qkv_t is None else layout(w.qkv_t), ffns=ffns,
-                          attention=(layout(w.attention[0]), *w.attention[1:]),
-                          output=(layout(w.output[0]), *w.output[1:]))
+                          attention=w.attention._replace(weight_t=layout(w.attention.weight_t)),
+                          output=w.output._replace(weight_t=layout(w.output.weight_t)))
 
     def residual_scales(self, tau: torch.Tensor, shift: torch.Tensor) -> dict[str, torch.Tensor | None] | None:
         """New buffers for a block whose input arrives as `h̃` with `h = tau*h̃ + shift` (per channel), such that

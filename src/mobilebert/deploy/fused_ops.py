@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,14 @@ def _act_inplace(act: nn.Module):
     return copy.deepcopy(act)
 
 
-Sublayer = tuple  # (weight_t, bias, scale, norm): the arguments `residual` takes after x and r
+class Sublayer(NamedTuple):
+    """What `residual` takes after x and r: the weight (transposed, (in, out), unless a runtime re-laid it out), the
+    bias, NoNorm's gamma when it scales r (None when folded or absent) and the norm module (None when folded)."""
+
+    weight_t: torch.Tensor
+    bias: torch.Tensor | None
+    scale: torch.Tensor | None
+    norm: nn.Module | None
 
 
 def _capturing() -> bool:
@@ -123,8 +131,8 @@ def packed_residual(x: torch.Tensor, r: torch.Tensor, packed: torch.Tensor, bias
 def _sublayer(linear: nn.Linear, norm: nn.Module) -> Sublayer:
     """`residual`'s (W, b, scale, norm) for eager's `norm(linear(x) + r)`; W not yet transposed."""
     if isinstance(norm, NoNorm):
-        return (*_fold(linear, norm), norm.weight.detach().clone(), None)
-    return (*_params(linear), None, _layer_norm(norm))
+        return Sublayer(*_fold(linear, norm), norm.weight.detach().clone(), None)
+    return Sublayer(*_params(linear), None, _layer_norm(norm))
 
 
 def _matmul_residual(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

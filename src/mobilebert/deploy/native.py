@@ -67,10 +67,10 @@ def unsupported(backbone: Any) -> str | None:
 
 def _flat(w: Any) -> list[torch.Tensor]:
     """One block's tensors in the loop's order (see `native.cpp`)."""
-    attention_t, *rest = w.attention
-    assert all(t is None for t in rest) and all(t is None for ffn in w.ffns for t in ffn[3:]), "not pre-scaled"
-    ups, up_biases, downs = zip(*((up_t, up_bias, down_t) for up_t, up_bias, down_t, *_ in w.ffns), strict=True)
-    return [w.in_t, w.in_bias, w.qkv_t, w.qkv_bias, attention_t, *ups, *up_biases, *downs, w.output[0]]
+    assert all(t is None for t in w.attention[1:]) and all(
+        t is None for ffn in w.ffns for t in (ffn.down_bias, ffn.down_scale, ffn.down_norm)), "not pre-scaled"
+    return [w.in_t, w.in_bias, w.qkv_t, w.qkv_bias, w.attention.weight_t, *(f.up_t for f in w.ffns),
+            *(f.up_bias for f in w.ffns), *(f.down_t for f in w.ffns), w.output.weight_t]
 
 
 class TokenParallel:
