@@ -88,7 +88,7 @@ def build_corpus(work: Path, size_mb: float) -> Path:
     target = int(size_mb * 1e6)
     if path.is_file() and abs(path.stat().st_size - target) <= 0.01 * target:
         return path
-    from mobilebert.data.corpus import builtin_corpus
+    from mobilebert.data.builtin_corpus import builtin_corpus
 
     block = "".join(" ".join(doc) + "\n\n" for doc in builtin_corpus("train")).encode("utf-8")
     with open(path, "wb") as f:
@@ -107,7 +107,7 @@ def tokenizer_dir(work: Path, given: str | None) -> Path:
         return Path(given)
     folder = work / "tokenizer"
     if not (folder / "tokenizer.json").is_file():
-        from mobilebert.data.corpus import builtin_corpus
+        from mobilebert.data.builtin_corpus import builtin_corpus
         from mobilebert.tokenizer import Tokenizer
 
         Tokenizer.train(builtin_corpus("train"), vocab_size=30522).save_pretrained(folder)

@@ -6,12 +6,14 @@ import sys
 
 import pytest
 
-from mobilebert.data import corpus
-from mobilebert.data.corpus import (
+from mobilebert.data import builtin_corpus as builtin
+from mobilebert.data.builtin_corpus import (
     builtin_corpus,
     builtin_corpus_checksum,
     builtin_corpus_stats,
     docstring_sentences,
+)
+from mobilebert.data.corpus import (
     load_corpus,
     read_dataset,
     read_text_files,
@@ -25,7 +27,7 @@ datasets = pytest.importorskip("datasets")
 
 
 def test_builtin_corpus_is_deterministic():
-    fresh = corpus._builtin_splits.__wrapped__()  # a second extraction, bypassing the cache
+    fresh = builtin._builtin_splits.__wrapped__()  # a second extraction, bypassing the cache
     assert builtin_corpus("train") == [list(doc) for doc in fresh["train"]]
     assert builtin_corpus("validation") == [list(doc) for doc in fresh["validation"]]
 
@@ -48,9 +50,9 @@ def test_builtin_corpus_is_prose_in_documents_of_sentences():
         assert not any(sentence.startswith((">>>", "...")) or ":func:`" in sentence for sentence in doc)
 
 
-@pytest.mark.skipif(corpus.python_version() not in corpus.BUILTIN_CHECKSUMS, reason="no checksum for this Python")
+@pytest.mark.skipif(builtin.python_version() not in builtin.BUILTIN_CHECKSUMS, reason="no checksum for this Python")
 def test_builtin_corpus_checksum_matches_the_recorded_one():
-    recorded = corpus.BUILTIN_CHECKSUMS[corpus.python_version()]
+    recorded = builtin.BUILTIN_CHECKSUMS[builtin.python_version()]
     assert {split: builtin_corpus_checksum(split) for split in recorded} == recorded
 
 

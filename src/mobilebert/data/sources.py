@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mobilebert.data.builtin_corpus import builtin_corpus
 from mobilebert.data.corpus import (
     _BLANK_LINE,
     _text_files,
-    builtin_corpus,
     dataset_texts,
     is_single_split_dataset,
     is_text_source,
