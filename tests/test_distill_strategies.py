@@ -121,6 +121,9 @@ def test_layer_maps_and_pair_checks():
     assert build_layer_map("same", 6, 6) == [0, 1, 2, 3, 4, 5]
     assert build_layer_map("uniform", 24, 12) == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23]
     assert build_layer_map([0, 2], 4, 2) == [0, 2]
+    assert build_layer_map("[1, 3]", 4, 2) == [1, 3]  # as the command line gives it
+    with pytest.raises(UserError, match="not a list of teacher layers"):
+        build_layer_map("[1, x", 4, 2)
     with pytest.raises(UserError, match="set distill.layer_map"):
         build_layer_map("same", 24, 12)
     teacher, student = mb.preset("ib-bert-demo"), mb.preset("mobilebert-demo")

@@ -154,3 +154,13 @@ def test_a_torch_int8_export_runs_the_quantized_model(models):
     scores = predictor(examples)[0]["scores"]
     assert [scores[label] for label in ("entailment", "not_entailment")] == pytest.approx(expected[0].tolist(),
                                                                                          rel=1e-5)
+
+
+def test_qa_windows_run_at_the_length_of_the_longest_in_the_batch(models):
+    """As `evaluate` does: a short question and context are not run at the full window length (an export of
+    fixed, shorter length could not run them otherwise)."""
+    predictor = Predictor.from_pretrained(models / "squad1" / "final")
+    widths, run = [], predictor.run
+    predictor.run = lambda batch: widths.append(batch["input_ids"].shape[1]) or run(batch)
+    answer = predictor([{"question": "Who?", "context": "Ann wrote it."}])[0]["answer"]
+    assert widths and max(widths) < 32 and answer in "Ann wrote it."

@@ -147,3 +147,11 @@ def test_a_teacher_that_cannot_teach_is_refused_in_one_line(setup, tmp_path, cap
     assert rte(setup, tmp_path / "run", "--teacher", str(setup / "teacher-rte" / "final"),
                "--distill.beta", "1.5") == 2
     assert "distill.beta must be in [0, 1]" in capsys.readouterr().err
+    # Layer terms between models of different depths: refused before the run folder exists.
+    tokenizer = Tokenizer.from_pretrained(setup / "student")
+    MobileBertForPreTraining(preset("mobilebert-test", vocab_size=tokenizer.vocab_size, num_hidden_layers=1)
+                             ).save_pretrained(tmp_path / "shallow", tokenizer)
+    assert cli(["finetune", "--checkpoint", str(tmp_path / "shallow"), "--teacher",
+                str(setup / "teacher-rte" / "final"), "--distill.layer_weight", "1", "--task", "rte",
+                "--task.data_dir", str(setup / "glue"), *FAST, "--out", str(tmp_path / "run")]) == 2
+    assert "set distill.layer_map" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -22,11 +22,21 @@ import numpy as np
 import torch
 
 from mobilebert.checkpoint import read_config, resolve
-from mobilebert.data.squad import SquadExample, make_features, postprocess
+from mobilebert.data.squad import SquadExample, make_features
 from mobilebert.data.tasks import Task, get_task
 from mobilebert.deploy.runners import FORMATS, Runner, eager_runner, open_exported
+from mobilebert.distill.losses import PAD_LOGIT
 from mobilebert.errors import UserError
-from mobilebert.finetuning import FINETUNING_FILE, TaskSettings, check_task_head, load_model, recorded_settings
+from mobilebert.finetuning import (
+    FINETUNING_FILE,
+    TaskData,
+    TaskSettings,
+    check_task_head,
+    load_model,
+    make_batch,
+    qa_answers,
+    recorded_settings,
+)
 from mobilebert.tokenizer import Tokenizer
 
 Example = dict[str, str]
@@ -97,20 +107,22 @@ class Predictor:
         s = self.settings
         features = make_features(squad, self.tokenizer, s.seq_length(self.task), s.stride(self.task),
                                  s.max_query_length, training=False)
-        starts, ends = [], []
-        for rows in _chunks(range(len(features.input_ids)), self.batch_size, progress):
-            rows = np.asarray(rows)
-            batch = {k: torch.as_tensor(getattr(features, k)[rows]).long()
-                     for k in ("input_ids", "attention_mask", "token_type_ids")}
+        data, width = TaskData(self.task, "predict", squad=squad, features=features), features.input_ids.shape[1]
+        logits = []
+        for rows in _chunks(range(len(data)), self.batch_size, progress):
+            batch = make_batch(data, np.asarray(rows), self.tokenizer, s)  # cut to the batch's longest window
             out = self.run(batch)
-            starts.append(out["start_logits"])
-            ends.append(out["end_logits"])
+            both = np.stack([out["start_logits"], out["end_logits"]], 1)  # (B, 2, T'), padded back to T as evaluate
+            logits.append(np.pad(both, ((0, 0), (0, 0), (0, width - both.shape[-1])), constant_values=PAD_LOGIT))
+        answers = qa_answers(data, np.concatenate(logits), s)
         version_2 = self.task.squad_version == "2.0"
-        answers = postprocess(squad, features, np.concatenate(starts), np.concatenate(ends), s.n_best_size,
-                              s.max_answer_length, version_2=version_2,
-                              null_score_diff_threshold=s.null_score_diff_threshold)
         return [{"answer": answers.predictions[ex.qid],
-                 **({"null_odds": float(answers.null_odds[ex.qid])} if version_2 else {})} for ex in squad]
+                 **({"null_odds": _finite(answers.null_odds[ex.qid])} if version_2 else {})} for ex in squad]
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: a question with no valid span at all has null odds of inf, written as null."""
+    return float(value) if np.isfinite(value) else None
 
 
 def check_example(example: Example, fields: Sequence[str], where: str) -> None:

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import yaml
 from torch import nn
 
 from mobilebert.config import MobileBertConfig
@@ -188,7 +189,13 @@ def check_pair(teacher: MobileBertConfig, student: MobileBertConfig, layer_map: 
 
 
 def build_layer_map(spec: str | list[int], teacher_layers: int, student_layers: int) -> list[int]:
-    """Student layer i → teacher layer: "same" (equal depths), "uniform" (evenly spread), or an explicit list."""
+    """Student layer i → teacher layer: "same" (equal depths), "uniform" (evenly spread), or an explicit list
+    (also as the text of one, e.g. `--distill.layer_map '[1, 3, 5]'` on the command line)."""
+    if isinstance(spec, str) and spec.strip().startswith("["):
+        try:
+            spec = [int(t) for t in yaml.safe_load(spec)]
+        except (yaml.YAMLError, TypeError, ValueError):
+            raise UserError(f"distill.layer_map: {spec!r} is not a list of teacher layers") from None
     if isinstance(spec, list):
         return [int(t) for t in spec]
     if spec == "same":

@@ -10,9 +10,11 @@ trials and resumed runs share them): one teacher pass over the data instead of o
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,6 +77,26 @@ def check_teacher(options: TaskDistillOptions, task: Task, settings: TaskSetting
     if Tokenizer.from_pretrained(resolve(teacher)).fingerprint() != tokenizer.fingerprint():
         raise UserError(f"the teacher {teacher} and the student {student} have different vocabularies: token ids "
                         "would mean different words to them")
+    if options.layer_weight > 0:
+        layer_map_for(options, read_config(resolve(teacher)), read_config(resolve(student)))
+
+
+def layer_map_for(options: TaskDistillOptions, teacher: Any, student: Any) -> list[int]:
+    """Student layer → teacher layer for the layer terms, checked as `distill` checks its pair."""
+    layer_map = build_layer_map(options.layer_map, teacher.num_hidden_layers, student.num_hidden_layers)
+    check_pair(teacher, student, layer_map, copy_from_teacher=False)
+    return layer_map
+
+
+def data_fingerprint(data: TaskData) -> str:
+    """sha256 (16 hex digits) of a split's model inputs as text: what the cached teacher outputs were computed on."""
+    h = hashlib.sha256()
+    if data.texts is not None:
+        for ex in data.texts:
+            h.update("\t".join(ex.texts).encode("utf-8") + b"\n")
+    else:
+        h.update(np.ascontiguousarray(data.features.input_ids).tobytes())
+    return h.hexdigest()[:16]
 
 
 class TaskTeacher:
@@ -92,9 +114,7 @@ class TaskTeacher:
         self.outputs: np.ndarray | None = None  # cached per training row, when `cached`
         self.layer_map: list[int] = []
         if options.layer_weight > 0:
-            student, teacher = read_config(resolve(student_checkpoint)), self.model.config
-            self.layer_map = build_layer_map(options.layer_map, teacher.num_hidden_layers, student.num_hidden_layers)
-            check_pair(teacher, student, self.layer_map, copy_from_teacher=False)
+            self.layer_map = layer_map_for(options, self.model.config, read_config(resolve(student_checkpoint)))
 
     @property
     def cached(self) -> bool:
@@ -105,8 +125,11 @@ class TaskTeacher:
         """The teacher's outputs of every training row, from `folder` when an earlier run of this teacher on this
         data left them there, else computed (one pass) and, if `write`, saved there for trials and resumes."""
         path, record_path = folder / CACHE_FILE, folder / (CACHE_FILE + ".json")
-        record = {"teacher": str(Path(str(self.options.teacher)).resolve()), "task": self.task.name,
-                  "rows": len(train), "settings": asdict(settings)}
+        weights = resolve(str(self.options.teacher)) / "model.safetensors"
+        stamp = [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None
+        record = {"teacher": str(Path(str(self.options.teacher)).resolve()), "weights": stamp, "task": self.task.name,
+                  "rows": len(train), "data": data_fingerprint(train),
+                  "lengths": [settings.seq_length(self.task), settings.stride(self.task), settings.max_query_length]}
         if path.is_file() and read_json_or_none(record_path) == record:
             self.outputs = np.load(path)
             return

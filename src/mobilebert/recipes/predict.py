@@ -12,9 +12,6 @@ from mobilebert.errors import UserError
 from mobilebert.files import atomic_write
 from mobilebert.predict import Example, Predictor, check_example
 
-ALIASES = {"sentence": "text", "sentence1": "text", "sentence2": "text_pair", "premise": "text",
-           "hypothesis": "text_pair"}  # the hub's GLUE column names, accepted in JSON lines
-
 
 def main(args: argparse.Namespace) -> int:
     predictor = Predictor.from_pretrained(args.model, task=args.task, threads=args.threads,
@@ -33,11 +30,15 @@ def main(args: argparse.Namespace) -> int:
         if source == "-" and sys.stdin.isatty():
             raise UserError("no input: give an example's texts as arguments, --input FILE, or pipe lines in")
         lines = sys.stdin.read().splitlines() if source == "-" else _read_lines(Path(source))
-        examples = read_examples(lines, fields, "standard input" if source == "-" else source)
+        columns = predictor.task.glue.text_columns if predictor.task.glue else ()  # the hub's names, e.g. sentence1
+        aliases = dict(zip(columns, fields, strict=False))
+        examples = read_examples(lines, fields, "standard input" if source == "-" else source, aliases)
     predictions = predictor(examples, progress=len(examples) > predictor.batch_size)
     text = "".join(json.dumps({"input": ex, **p}, ensure_ascii=False) + "\n"
                    for ex, p in zip(examples, predictions, strict=True))
     if args.out:
+        if not Path(args.out).parent.is_dir():
+            raise UserError(f"{args.out}: its folder does not exist")
         atomic_write(Path(args.out), lambda p: p.write_text(text, encoding="utf-8"))
         print(f"{len(examples)} predictions written to {args.out}", file=sys.stderr)
     else:
@@ -49,14 +50,17 @@ def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"{path}: no such input file")
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of line 1
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def read_examples(lines: Sequence[str], fields: Sequence[str], where: str) -> list[Example]:
-    """Examples from JSON lines (objects with the task's keys) or TSV lines (one column per key); blank lines are
-    skipped. A line that is neither names its number and what was expected."""
+def read_examples(lines: Sequence[str], fields: Sequence[str], where: str,
+                  aliases: dict[str, str] | None = None) -> list[Example]:
+    """Examples from JSON lines (objects with the task's keys, or their `aliases`, e.g. the hub's column names) or
+    TSV lines (one column per key); blank lines are skipped. A line that is neither names its number and what was
+    expected."""
+    aliases = aliases or {}
     examples = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -66,7 +70,9 @@ def read_examples(lines: Sequence[str], fields: Sequence[str], where: str) -> li
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{where} line {number}: not valid JSON ({e.msg})") from None
-            example = {ALIASES.get(k, k): v for k, v in record.items() if ALIASES.get(k, k) in fields}
+            if not isinstance(record, dict):
+                raise UserError(f"{where} line {number}: a JSON line must be an object with {', '.join(fields)}")
+            example = {aliases.get(k, k): v for k, v in record.items() if aliases.get(k, k) in fields}
         else:
             columns = line.split("\t")
             if len(columns) != len(fields):
