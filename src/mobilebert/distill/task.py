@@ -132,12 +132,13 @@ class TaskTeacher:
                   "lengths": [settings.seq_length(self.task), settings.stride(self.task), settings.max_query_length]}
         if path.is_file() and read_json_or_none(record_path) == record:
             self.outputs = np.load(path)
-            return
-        print(f"computing the teacher's outputs on {len(train)} training rows (once)")
-        self.outputs = predict(self.model, train, tokenizer, settings, batch_size, device)
-        if write:
-            atomic_write(path, self._save_outputs)
-            atomic_write(record_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+        else:
+            print(f"computing the teacher's outputs on {len(train)} training rows (once)")
+            self.outputs = predict(self.model, train, tokenizer, settings, batch_size, device)
+            if write:
+                atomic_write(path, self._save_outputs)
+                atomic_write(record_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+        self.model = None  # not needed again: its memory goes back for the student's trials
 
     def _save_outputs(self, path: Path) -> None:
         with path.open("wb") as f:
