@@ -72,6 +72,9 @@ def test_qa_kd_averages_start_and_end_and_ignores_padding():
     assert task_distillation(student, teacher, "qa", mask).item() == pytest.approx((start + end) / 2, rel=1e-6)
     student[..., 2] = 50.0  # a padding position: no say
     assert task_distillation(student, teacher, "qa", mask).item() == pytest.approx((start + end) / 2, rel=1e-6)
+    unpadded = task_distillation(student[..., :2], teacher[..., :2], "qa", temperature=1000.0)
+    padded = task_distillation(student, teacher, "qa", mask, temperature=1000.0)  # padding stays out at any T
+    assert padded.item() == pytest.approx(unpadded.item(), rel=1e-6)
 
 
 # ---- fine-tuning with a teacher ----

@@ -174,7 +174,7 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "predict" and not any(r.startswith("-") for r in rest):
+    if args.command == "predict" and not any(r.startswith("--") for r in rest):
         args.texts, rest = args.texts + rest, []  # argparse leaves texts after an option (MODEL --task X A B) over
     if rest and args.command not in TRAINING_COMMANDS:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -171,4 +171,6 @@ def _runner(folder: Path, task: Task, threads: int | None) -> Runner:
 
         return model_class(folder, None)(read_config(folder))
 
+    if threads and fmt in ("torch-int8", "aoti", "aoti-bf16"):  # run on PyTorch's own threads
+        torch.set_num_threads(threads)
     return open_exported(fmt, path, threads, torch_int8_model=float_model)

@@ -192,8 +192,9 @@ def task_distillation(student: Tensor, teacher: Tensor, kind: str, attention_mas
     if kind == "qa":
         if attention_mask is not None:
             outside = attention_mask[:, None, :] == 0  # (B, 1, T)
-            student = student.float().masked_fill(outside, PAD_LOGIT)
-            teacher = teacher.float().masked_fill(outside, PAD_LOGIT)
+            fill = PAD_LOGIT * max(temperature, 1.0)  # still PAD_LOGIT or below once divided by T
+            student = student.float().masked_fill(outside, fill)
+            teacher = teacher.float().masked_fill(outside, fill)
         student, teacher = student.flatten(0, 1), teacher.flatten(0, 1)  # (2B, T): start and end rows
     return kd_cross_entropy(student, teacher, temperature) * rows
 
