@@ -160,7 +160,8 @@ def test_qa_windows_run_at_the_length_of_the_longest_in_the_batch(models):
     """As `evaluate` does: a short question and context are not run at the full window length (an export of
     fixed, shorter length could not run them otherwise)."""
     predictor = Predictor.from_pretrained(models / "squad1" / "final")
-    widths, run = [], predictor.run
-    predictor.run = lambda batch: widths.append(batch["input_ids"].shape[1]) or run(batch)
+    widths, model = [], predictor.model
+    predictor.model = lambda ids, *rest: widths.append(ids.shape[1]) or model(ids, *rest)
+    predictor.model.eval = model.eval
     answer = predictor([{"question": "Who?", "context": "Ann wrote it."}])[0]["answer"]
     assert widths and max(widths) < 32 and answer in "Ann wrote it."

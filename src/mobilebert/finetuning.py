@@ -188,11 +188,17 @@ def task_sums(out: Any, batch: Batch) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, data: TaskData, tokenizer: Tokenizer, settings: TaskSettings,
-            batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
-    """Logits of every row: (N, labels) for classification, (N,) for regression, (N, 2, T) start/end for QA."""
+            batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
+    """Logits of every row: (N, labels) for classification, (N,) for regression, (N, 2, T) start/end for QA.
+    `model` is one of our task models or anything called like one (e.g. `deploy.export.OnnxTaskModel`)."""
     model.eval()
     outputs = []
-    for begin in range(0, len(data), batch_size):
+    starts = range(0, len(data), batch_size)
+    if progress and len(starts) > 1:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="predict", unit="batch", dynamic_ncols=True)
+    for begin in starts:
         rows = np.arange(begin, min(begin + batch_size, len(data)))
         batch = make_batch(data, rows, tokenizer, settings)
         out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),

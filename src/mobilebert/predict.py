@@ -14,18 +14,19 @@ and answered by the same post-processing as SQuAD evaluation.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from mobilebert.checkpoint import read_config, resolve
+from mobilebert.data.glue import TextExample
 from mobilebert.data.squad import SquadExample, make_features
 from mobilebert.data.tasks import Task, get_task
-from mobilebert.deploy.runners import FORMATS, Runner, eager_runner, open_exported
-from mobilebert.distill.losses import PAD_LOGIT
+from mobilebert.deploy.runners import FORMATS, load_exported
 from mobilebert.errors import UserError
 from mobilebert.finetuning import (
     FINETUNING_FILE,
@@ -33,21 +34,20 @@ from mobilebert.finetuning import (
     TaskSettings,
     check_task_head,
     load_model,
-    make_batch,
+    predict,
     qa_answers,
     recorded_settings,
 )
 from mobilebert.tokenizer import Tokenizer
 
 Example = dict[str, str]
-Batch = dict[str, torch.Tensor]
 
 EXPORT_RECORD = "export.json"  # written by `mobilebert export` beside the exported model
 
 
 @dataclass
 class Predictor:
-    run: Runner
+    model: Any  # a task model, or an exported model's runtime wrapped to be called like one (`OnnxTaskModel`)
     tokenizer: Tokenizer
     task: Task
     settings: TaskSettings
@@ -71,7 +71,7 @@ class Predictor:
         settings = TaskSettings(record.get("max_seq_length"), record.get("doc_stride"),
                                 record.get("max_query_length", 64))
         labels = list(record.get("labels") or spec.labels or ())
-        return cls(_runner(folder, spec, threads), Tokenizer.from_pretrained(folder), spec, settings, labels,
+        return cls(_task_model(folder, spec, threads), Tokenizer.from_pretrained(folder), spec, settings, labels,
                    batch_size)
 
     @property
@@ -83,41 +83,35 @@ class Predictor:
 
     def __call__(self, examples: Sequence[Example], progress: bool = False) -> list[dict]:
         """One prediction per example, in order: {"label", "scores"} (classification), {"score"} (regression),
-        {"answer"} (QA; SQuAD 2.0 models also "null_odds": above the threshold means no answer, "")."""
+        {"answer"} (QA; SQuAD 2.0 models also "null_odds": above the threshold means no answer, ""). The model runs
+        through `finetuning.predict`, as in `evaluate`: the same batches, and QA's windows and post-processing."""
         for i, example in enumerate(examples):
             check_example(example, self.fields, f"example {i + 1}")
+        data = self._task_data(examples)
+        logits = predict(self.model, data, self.tokenizer, self.settings, self.batch_size, progress=progress)
         if self.task.kind == "qa":
-            return self._answers(examples, progress)
-        return [row for batch in _chunks(examples, self.batch_size, progress) for row in self._classify(batch)]
-
-    def _classify(self, examples: Sequence[Example]) -> list[dict]:
-        second = [ex["text_pair"] for ex in examples] if len(self.fields) > 1 else None
-        batch = self.tokenizer.encode_pairs([ex["text"] for ex in examples], second,
-                                            max_length=self.settings.seq_length(self.task))
-        logits = self.run(batch)["logits"].astype(np.float64)
+            answers = qa_answers(data, logits, self.settings)
+            version_2 = self.task.squad_version == "2.0"
+            return [{"answer": answers.predictions[ex.qid],
+                     **({"null_odds": _finite(answers.null_odds[ex.qid])} if version_2 else {})} for ex in data.squad]
         if self.task.kind == "regression":
-            return [{"score": float(v)} for v in logits[:, 0]]
+            return [{"score": float(v)} for v in logits]
+        logits = logits.astype(np.float64)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         return [{"label": self.labels[int(p.argmax())], "scores": dict(zip(self.labels, map(float, p), strict=True))}
                 for p in probs]
 
-    def _answers(self, examples: Sequence[Example], progress: bool) -> list[dict]:
+    def _task_data(self, examples: Sequence[Example]) -> TaskData:
+        if self.task.kind != "qa":
+            texts = [TextExample(f"predict-{i}", tuple(ex[f] for f in self.fields), None)
+                     for i, ex in enumerate(examples)]
+            return TaskData(self.task, "predict", texts=texts)
         squad = [SquadExample(str(i), "", ex["question"], ex["context"], []) for i, ex in enumerate(examples)]
         s = self.settings
         features = make_features(squad, self.tokenizer, s.seq_length(self.task), s.stride(self.task),
                                  s.max_query_length, training=False)
-        data, width = TaskData(self.task, "predict", squad=squad, features=features), features.input_ids.shape[1]
-        logits = []
-        for rows in _chunks(range(len(data)), self.batch_size, progress):
-            batch = make_batch(data, np.asarray(rows), self.tokenizer, s)  # cut to the batch's longest window
-            out = self.run(batch)
-            both = np.stack([out["start_logits"], out["end_logits"]], 1)  # (B, 2, T'), padded back to T as evaluate
-            logits.append(np.pad(both, ((0, 0), (0, 0), (0, width - both.shape[-1])), constant_values=PAD_LOGIT))
-        answers = qa_answers(data, np.concatenate(logits), s)
-        version_2 = self.task.squad_version == "2.0"
-        return [{"answer": answers.predictions[ex.qid],
-                 **({"null_odds": _finite(answers.null_odds[ex.qid])} if version_2 else {})} for ex in squad]
+        return TaskData(self.task, "predict", squad=squad, features=features)
 
 
 def _finite(value: float) -> float | None:
@@ -134,27 +128,17 @@ def check_example(example: Example, fields: Sequence[str], where: str) -> None:
         raise UserError(f"{where}: empty {', '.join(empty)}")
 
 
-def _chunks(items: Sequence, size: int, progress: bool) -> Iterator[Sequence]:
-    starts = range(0, len(items), size)
-    if progress and len(starts) > 1:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="predict", unit="batch", dynamic_ncols=True)
-    for begin in starts:
-        yield items[begin:begin + size]
-
-
 # ---- the model behind a predictor ----
 
-def _runner(folder: Path, task: Task, threads: int | None) -> Runner:
-    """The fine-tuned model as a function of a batch: eager PyTorch for a checkpoint, the exported format's runtime
-    for an export folder (the format named in its export.json)."""
+def _task_model(folder: Path, task: Task, threads: int | None) -> Any:
+    """The fine-tuned model, called like our task models: the PyTorch model of a checkpoint, or the exported format's
+    runtime (named in the folder's export.json) behind `OnnxTaskModel`."""
     record_path = folder / EXPORT_RECORD
     if not record_path.is_file():
         check_task_head(str(folder), task)
         if threads:
             torch.set_num_threads(threads)
-        return eager_runner(load_model(task, str(folder)).eval())
+        return load_model(task, str(folder))
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
         fmt, files = record["format"], record["files"]
@@ -173,4 +157,9 @@ def _runner(folder: Path, task: Task, threads: int | None) -> Runner:
 
     if threads and fmt in ("torch-int8", "aoti", "aoti-bf16"):  # run on PyTorch's own threads
         torch.set_num_threads(threads)
-    return open_exported(fmt, path, threads, torch_int8_model=float_model)
+    model = load_exported(fmt, path, threads, torch_int8_model=float_model)
+    if isinstance(model, torch.nn.Module):
+        return model
+    from mobilebert.deploy.export import OnnxTaskModel  # imports onnx: only for exported models
+
+    return OnnxTaskModel(model)

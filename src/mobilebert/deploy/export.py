@@ -303,10 +303,11 @@ def check_parity(model: nn.Module, onnx_path: str | os.PathLike, batch: dict[str
 
 
 class OnnxTaskModel:
-    """An `OnnxModel` called like our task models, as `finetuning.predict` does: outputs as attributes holding
-    torch tensors (`.logits`, `.start_logits`, ...)."""
+    """An `OnnxModel` (or any exported model's runtime returning outputs by name: `deploy.runners.load_exported`)
+    called like our task models, as `finetuning.predict` does: outputs as attributes holding torch tensors
+    (`.logits`, `.start_logits`, ...)."""
 
-    def __init__(self, session: OnnxModel) -> None:
+    def __init__(self, session: Callable[..., dict[str, Any]]) -> None:
         self.session = session
 
     def eval(self) -> OnnxTaskModel:
