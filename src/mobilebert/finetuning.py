@@ -96,6 +96,12 @@ def check_task_head(checkpoint: str, task: Task) -> None:
                         f"it on {task.name} first (mobilebert finetune --checkpoint {checkpoint} --task {task.name})")
 
 
+def settings_from_record(record: dict[str, Any]) -> TaskSettings:
+    """The text settings a model was fine-tuned with, from its `recorded_settings`; the family's defaults where none
+    is recorded."""
+    return TaskSettings(record.get("max_seq_length"), record.get("doc_stride"), record.get("max_query_length", 64))
+
+
 def load_model(task: Task, checkpoint: str) -> torch.nn.Module:
     """The task model from any MobileBERT checkpoint: a new head when the checkpoint has none for this task."""
     if task.kind == "qa":

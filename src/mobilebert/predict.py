@@ -37,6 +37,7 @@ from mobilebert.finetuning import (
     predict,
     qa_answers,
     recorded_settings,
+    settings_from_record,
 )
 from mobilebert.tokenizer import Tokenizer
 
@@ -68,8 +69,7 @@ class Predictor:
         spec = get_task(name)
         if spec.glue is None and spec.kind != "qa":
             raise UserError(f"{name}: not a task with text inputs")
-        settings = TaskSettings(record.get("max_seq_length"), record.get("doc_stride"),
-                                record.get("max_query_length", 64))
+        settings = settings_from_record(record)
         labels = list(record.get("labels") or spec.labels or ())
         return cls(_task_model(folder, spec, threads), Tokenizer.from_pretrained(folder), spec, settings, labels,
                    batch_size)

@@ -219,14 +219,14 @@ def _built_per_shape(name: str, suffix: str, workdir: Path, verb: str, duration:
 
 
 def _hf_mobilebert(model, weights, workdir, threads) -> Backend:
-    transformers = _transformers()
+    transformers = import_transformers()
 
     theirs = transformers.MobileBertModel.from_pretrained(weights).eval()
     return Backend("hf-mobilebert", lambda b: _hidden(theirs(**b)), file_bytes(weights / "model.safetensors"))
 
 
 def _hf_bert_base(model, weights, workdir, threads) -> Backend:
-    transformers = _transformers()
+    transformers = import_transformers()
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=model.config.vocab_size)  # BERT-base: 12 × 768, 12 heads, FFN 3072
@@ -236,7 +236,7 @@ def _hf_bert_base(model, weights, workdir, threads) -> Backend:
     return Backend("hf-bert-base", lambda b: _hidden(bert(**b)), file_bytes(path / "model.safetensors"), config=cfg)
 
 
-def _transformers() -> Any:
+def import_transformers() -> Any:
     """transformers, imported without the notes it prints where torchao (ExecuTorch's dependency) is installed."""
     from mobilebert.deploy.mobile import quiet_stderr
 

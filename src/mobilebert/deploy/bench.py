@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mobilebert.config import MobileBertConfig
-from mobilebert.deploy.backends import BUILDERS, REFERENCES, Backend, _transformers, build_backends, random_inputs
+from mobilebert.deploy.backends import BUILDERS, REFERENCES, Backend, build_backends, import_transformers, random_inputs
 from mobilebert.deploy.fused_ops import cpu_bf16
 from mobilebert.errors import UserError
 from mobilebert.model import MobileBertModel
@@ -73,7 +73,7 @@ def _peak_rss_mb(name: str, weights: str, workdir: str, threads: int, inputs: di
     with contextlib.suppress(ImportError):
         importlib.import_module("onnxruntime")
     with contextlib.suppress(ImportError):
-        _transformers()
+        import_transformers()
     from mobilebert.deploy.mobile import quiet_stderr
 
     for runtime in ("executorch.runtime", "ai_edge_litert.interpreter"):  # the on-device runtimes' libraries

@@ -170,9 +170,9 @@ class TaskTeacher:
             with torch.no_grad():
                 t = self.model(*inputs, output_hidden_states=layers, output_attention_scores=layers)
             teacher_outputs = task_outputs(t)
-        beta, o = self.options.beta, self.options
+        beta = self.options.beta
         kd = task_distillation(task_outputs(s), teacher_outputs, self.task.kind, batch["attention_mask"],
-                               o.temperature)
+                               self.options.temperature)
         sums = {"task": beta * task_sums(s, batch)["task"], "kd": (1 - beta) * kd}
         if layers:
             sums["layers"] = self._layer_sum(s, t, batch["attention_mask"])

@@ -40,15 +40,21 @@ def deploy_stage(plan, out: Path) -> Callable[[Path], dict]:
         from mobilebert.deploy.export import OnnxModel, OnnxTaskModel, export_onnx
         from mobilebert.deploy.optimize import optimize_for_inference
         from mobilebert.deploy.quantize import quantize_onnx_dynamic
-        from mobilebert.finetuning import TaskSettings, load_model, load_split, predict, recorded_settings, score
+        from mobilebert.finetuning import (
+            load_model,
+            load_split,
+            predict,
+            recorded_settings,
+            score,
+            settings_from_record,
+        )
         from mobilebert.tokenizer import Tokenizer
 
         results = {}
         for name in BUILTIN_TASKS:
             model_dir = out / "finetune-student" / name / "final"
             task = get_task(name)
-            recorded = recorded_settings(str(model_dir))  # the lengths it was fine-tuned with
-            settings = TaskSettings(recorded["max_seq_length"], recorded["doc_stride"], recorded["max_query_length"])
+            settings = settings_from_record(recorded_settings(str(model_dir)))  # the lengths it was fine-tuned with
             model = load_model(task, str(model_dir))
             fp32 = export_onnx(model, folder / name / "model.onnx")
             int8 = quantize_onnx_dynamic(fp32, folder / name / "model-int8.onnx")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -10,7 +11,15 @@ from mobilebert.checkpoint import resolve
 from mobilebert.data.tasks import get_task
 from mobilebert.errors import UserError
 from mobilebert.files import json_text
-from mobilebert.finetuning import TaskSettings, load_model, load_split, predict, recorded_settings, score
+from mobilebert.finetuning import (
+    TaskSettings,
+    load_model,
+    load_split,
+    predict,
+    recorded_settings,
+    score,
+    settings_from_record,
+)
 from mobilebert.metrics import squad_eval_file
 from mobilebert.tables import format_table
 from mobilebert.tokenizer import Tokenizer
@@ -33,12 +42,11 @@ def evaluate_checkpoint(checkpoint: str, task_name: str, split: str | None = Non
 
 
 def main(args: argparse.Namespace) -> int:
-    recorded = recorded_settings(args.checkpoint)  # how the checkpoint was fine-tuned on this task: the defaults
-    if recorded.get("task") != get_task(args.task).name:
-        recorded = {}
-    settings = TaskSettings(max_seq_length=args.max_seq_length or recorded.get("max_seq_length"),
-                            doc_stride=args.doc_stride or recorded.get("doc_stride"),
-                            max_query_length=recorded.get("max_query_length", 64))
+    # How the checkpoint was fine-tuned on this task gives the defaults (a record of another task gives none).
+    recorded = recorded_settings(args.checkpoint)
+    settings = settings_from_record(recorded if recorded.get("task") == get_task(args.task).name else {})
+    settings = dataclasses.replace(settings, max_seq_length=args.max_seq_length or settings.max_seq_length,
+                                   doc_stride=args.doc_stride or settings.doc_stride)
     began = time.perf_counter()
     metrics = evaluate_checkpoint(args.checkpoint, args.task, args.split, args.data_dir, settings, args.batch_size,
                                   args.max_examples)
