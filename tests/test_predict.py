@@ -21,6 +21,7 @@ from mobilebert.predict import Predictor
 from mobilebert.tokenizer import Tokenizer
 
 TASKS = {"cola": "glue", "rte": "glue", "stsb": "glue", "squad1": "squad"}
+TIE = 1e-3  # top-two probabilities closer than this may swap under another runtime's rounding: no label asserted
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,10 @@ def test_text_tasks_match_evaluate_from_a_checkpoint_and_from_onnx(models, task_
         np.testing.assert_allclose([o["score"] for o in out], logits, rtol=1e-4, atol=1e-5)
         return
     probs = torch.tensor(logits).softmax(-1).numpy()
-    assert [o["label"] for o in out] == [task.labels[i] for i in logits.argmax(-1)]
     np.testing.assert_allclose([[o["scores"][label] for label in task.labels] for o in out], probs, rtol=1e-4)
+    for o, p in zip(out, probs, strict=True):  # the label is the argmax wherever rounding cannot tie the top two
+        if np.diff(np.sort(p))[-1] > TIE:
+            assert o["label"] == task.labels[int(p.argmax())]
 
 
 def test_qa_answers_match_evaluate_and_long_contexts_are_windowed(models):
@@ -76,9 +79,14 @@ def test_qa_answers_match_evaluate_and_long_contexts_are_windowed(models):
     assert len(data.features.input_ids) > len(data.squad)  # the 32-token windows cut the context: several each
     expected = qa_answers(data, logits, settings).predictions
     questions = [{"question": ex.question, "context": ex.context} for ex in data.squad]
-    for model in ("squad1/final", "squad1-onnx"):
-        answers = Predictor.from_pretrained(models / model)(questions)
-        assert [a["answer"] for a in answers] == [expected[ex.qid] for ex in data.squad], model
+    answers = Predictor.from_pretrained(models / "squad1" / "final")(questions)  # the same computation as evaluate
+    assert [a["answer"] for a in answers] == [expected[ex.qid] for ex in data.squad]
+    # ONNX: the same logits within rounding, and its answers are what SQuAD's post-processing makes of them.
+    onnx = Predictor.from_pretrained(models / "squad1-onnx")
+    onnx_logits = predict(onnx.model, data, onnx.tokenizer, onnx.settings)
+    np.testing.assert_allclose(onnx_logits, logits, rtol=1e-4, atol=1e-4)
+    expected = qa_answers(data, onnx_logits, settings).predictions
+    assert [a["answer"] for a in onnx(questions)] == [expected[ex.qid] for ex in data.squad]
 
 
 def test_an_onnx_export_predicts_what_its_checkpoint_does(models):
@@ -86,9 +94,10 @@ def test_an_onnx_export_predicts_what_its_checkpoint_does(models):
                                                                          "text_pair": "A dog ran away quickly."}]
     eager = Predictor.from_pretrained(models / "rte" / "final")(examples)
     onnx = Predictor.from_pretrained(models / "rte-onnx")(examples)
-    assert [o["label"] for o in onnx] == [o["label"] for o in eager]
     for a, b in zip(onnx, eager, strict=True):
         assert a["scores"] == pytest.approx(b["scores"], rel=1e-4)
+        if abs(b["scores"]["entailment"] - b["scores"]["not_entailment"]) > TIE:
+            assert a["label"] == b["label"]
 
 
 @pytest.fixture
