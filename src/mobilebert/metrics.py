@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.stats import rankdata
 
 from mobilebert.errors import UserError
 
@@ -77,6 +76,8 @@ def pearson(preds: ArrayLike, labels: ArrayLike) -> float:
 
 def spearman(preds: ArrayLike, labels: ArrayLike) -> float:
     """Spearman rank correlation (STS-B): Pearson of the ranks, ties sharing their average rank."""
+    from scipy.stats import rankdata  # imported here: scipy.stats takes half a second, every command would pay it
+
     p, y = _as_pair(preds, labels)
     return pearson(rankdata(p), rankdata(y))
 

@@ -21,7 +21,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
@@ -151,6 +150,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = DEFAULT_
         args = tuple(example[name] for name in INPUT_NAMES)
 
         def write(tmp: Path) -> None:
+            import onnx  # imported here: half a second (ml_dtypes), which every command would pay
+
             with warnings.catch_warnings():
                 # The legacy exporter's deprecation notice, and tracer notes on our shape checks (constant by design).
                 warnings.simplefilter("ignore")
