@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -90,23 +91,30 @@ def test_random_inputs_have_a_realistic_mask():
 
 
 def test_backend_and_head_names_agree_across_bench_export_and_the_accuracy_benchmark():
-    """One name per backend and one list of heads: what `export` writes, `bench` times and the reduced-precision
-    benchmark scores are called the same, and every head has its fused head and its export task."""
+    """One table of backends: what `export` writes, `bench` times and the reduced-precision benchmark scores are
+    its names, each exported backend can be written and read back, and every head has its fused head and its
+    export task."""
     import importlib.util
     from pathlib import Path
 
-    from mobilebert.deploy.backends import BUILDERS
+    from mobilebert.deploy.backends import BACKENDS, BUILDERS, FORMATS
     from mobilebert.deploy.optimize import _HEADS
-    from mobilebert.deploy.runners import FORMATS
     from mobilebert.heads import TASK_MODELS
-    from mobilebert.recipes.export import TASKS
+    from mobilebert.recipes.export import TASKS, add_arguments
 
-    static_only = {"onnx-int8-static"}  # calibrated on text: no random-weight bench backend
-    assert set(FORMATS) - static_only <= set(BUILDERS)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    formats = next(a for a in parser._actions if a.dest == "format").choices
+    assert list(formats) == list(FORMATS) == [n for n, s in BACKENDS.items() if s.file]
+    assert set(BUILDERS) == {n for n, s in BACKENDS.items() if not s.calibrated}
+    for name, spec in BACKENDS.items():
+        assert (spec.file is None) == (spec.export is None) == (spec.load is None), name
+        assert spec.bench is not None or spec.export is not None, name
+        assert spec.precision in ("fp32", "bf16", "int8"), name
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "reduced_precision_accuracy.py"
     spec = importlib.util.spec_from_file_location("reduced_precision_accuracy", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert set(module.PATHS) - {"fp32"} <= set(BUILDERS)
+    assert set(module.DEFAULT) <= set(module.REDUCED) <= set(BUILDERS)
     assert set(_HEADS) == set(TASK_MODELS.values())
     assert set(TASKS.values()) == {"MobileBertModel", *TASK_MODELS}

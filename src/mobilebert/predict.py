@@ -26,7 +26,7 @@ from mobilebert.checkpoint import read_config, resolve
 from mobilebert.data.glue import TextExample
 from mobilebert.data.squad import SquadExample, make_features
 from mobilebert.data.tasks import Task, get_task
-from mobilebert.deploy.runners import FORMATS, load_exported
+from mobilebert.deploy.backends import FORMATS, load_exported
 from mobilebert.errors import UserError
 from mobilebert.finetuning import (
     FINETUNING_FILE,
@@ -157,7 +157,7 @@ def _task_model(folder: Path, task: Task, threads: int | None) -> Any:
 
     if threads and fmt in ("torch-int8", "aoti", "aoti-bf16"):  # run on PyTorch's own threads
         torch.set_num_threads(threads)
-    model = load_exported(fmt, path, threads, torch_int8_model=float_model)
+    model = load_exported(fmt, path, threads, float_model=float_model)
     if isinstance(model, torch.nn.Module):
         return model
     from mobilebert.deploy.export import OnnxTaskModel  # imports onnx: only for exported models

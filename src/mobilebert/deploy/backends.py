@@ -1,12 +1,17 @@
-"""The backends `mobilebert bench` times: one table, `BUILDERS`, from a name to the function that builds it.
+"""Every deployment backend in one table, `BACKENDS`: a name -> how `mobilebert bench` builds it, how
+`mobilebert export` writes it and how it is read back, what precision it computes in.
 
-Every backend turns the same eager `MobileBertModel` (and its saved weights, for the references and the memory
-measurement) into a `Backend`: a function of a batch that returns the last hidden state as float32, with its size
-on disk and FLOPs. A backend whose runtime is missing, or which this CPU cannot run well (bf16 without native
-support), raises a UserError when built and is skipped with that reason. Adding a backend: write its builder
-here (its export and runtime live in their own module under deploy/), add it to `BUILDERS`, and, if it belongs in
-the default run, to `DEFAULT_BACKENDS`; `mobilebert export`'s formats are in `deploy/runners.FORMATS`, and a test
-checks the two tables agree.
+Two kinds of backend. In-process ones (eager, optimized, compiled, bf16, ...) turn the eager model into another
+PyTorch module (`Spec.inference`). Exported ones write a file (`Spec.file`, through `Spec.export`, an adapter in
+`deploy/formats.py`) that a runtime loads (`Spec.load`). `mobilebert bench` times either kind as a `Backend`: a
+function of a batch that returns the last hidden state as float32, with its size on disk and FLOPs; exported
+backends get their bench builder from the table. A backend whose runtime is missing, or which this CPU cannot run
+well (bf16 without native support), raises a UserError or NotImplementedError when built and is skipped with that
+reason.
+
+Adding a backend: its export and runtime in their own module under deploy/, its adapters in formats.py, and one
+entry here. `mobilebert bench`, `mobilebert export`, `mobilebert predict`, the demo's deploy stage and
+benchmarks/reduced_precision_accuracy.py all take their names from this table.
 """
 
 from __future__ import annotations
@@ -18,19 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
+from mobilebert.deploy import formats
 from mobilebert.deploy.fused_ops import cpu_bf16
 from mobilebert.errors import UserError
 from mobilebert.model import MobileBertModel
 from mobilebert.stats import count_flops
-
-OURS = ("eager", "optimized", "parallel", "compiled", "bf16", "compiled-bf16", "aoti", "aoti-bf16", "onnx",
-        "onnx-int8", "torch-int8", "executorch", "executorch-int8", "tflite", "tflite-int8")
-REFERENCES = ("hf-mobilebert", "hf-bert-base")
-DEFAULT_BACKENDS = ("eager", "optimized", "parallel", "bf16", "compiled-bf16", "aoti-bf16", "onnx", "onnx-int8",
-                    "torch-int8", "executorch-int8", *REFERENCES)
-BF16 = ("bf16", "compiled-bf16", "aoti-bf16")  # timed only where the CPU has native bf16
 
 
 @dataclass
@@ -114,20 +115,6 @@ def _compiled(model, weights, workdir, threads, dtype: torch.dtype | None = None
     return Backend(name, lambda b: _hidden(fast(**b)), state_dict_size(fast.fused), compiles_lazily=True)
 
 
-def _aoti(model, weights, workdir, threads, dtype: torch.dtype | None = None) -> Backend:
-    from mobilebert.deploy.aoti import AotiModel, export_aoti
-
-    if dtype == torch.bfloat16:
-        _require_native_bf16()
-    name = "aoti-bf16" if dtype == torch.bfloat16 else "aoti"
-    path = workdir / f"{name}.pt2"  # built once per workdir: later lengths and `peak_memory`'s processes load it
-    if not path.is_file():
-        print(f"{name}: building the AOTInductor package (bf16 at full size: about two minutes)")
-        export_aoti(model, path, dtype, threads)
-    package = AotiModel(path)
-    return Backend(name, lambda b: _hidden(package(**b)), file_bytes(path))
-
-
 def _bf16(model, weights, workdir, threads) -> Backend:
     from mobilebert.deploy.optimize import optimize_for_inference
     from mobilebert.deploy.quantize import state_dict_size
@@ -136,86 +123,6 @@ def _bf16(model, weights, workdir, threads) -> Backend:
     # Weights converted (and packed for oneDNN) once: autocast casts every weight on every call (no faster than fp32).
     fast = optimize_for_inference(model, dtype=torch.bfloat16)
     return Backend("bf16", lambda b: _hidden(fast(**b)), state_dict_size(fast))
-
-
-def _onnx(model, weights, workdir, threads, int8: bool = False) -> Backend:
-    from mobilebert.deploy.export import OnnxModel, export_onnx
-
-    path = workdir / "model.onnx"  # made once per workdir: `peak_memory`'s processes reuse the parent's files
-    if not path.is_file():
-        export_onnx(model, path)
-    if int8:
-        from mobilebert.deploy.quantize import quantize_onnx_dynamic
-
-        path, source = workdir / "model-int8.onnx", path
-        if not path.is_file():
-            quantize_onnx_dynamic(source, path)
-    session = OnnxModel(path, threads=threads)
-    return Backend("onnx-int8" if int8 else "onnx", lambda b: _hidden(session(**b)), file_bytes(path))
-
-
-def _torch_int8(model, weights, workdir, threads) -> Backend:
-    from mobilebert.deploy.quantize import quantize_torch_dynamic
-
-    quantized = quantize_torch_dynamic(model)
-    path = workdir / "torch-int8.pt"
-    torch.save(quantized.state_dict(), path)
-    return Backend("torch-int8", lambda b: _hidden(quantized(**b)), file_bytes(path))
-
-
-def _executorch(model, weights, workdir, threads, int8: bool = False) -> Backend:
-    """An ExecuTorch program, lowered on the first call for that call's (batch, length): its batch is fixed, and a
-    program lowered for the length timed plans its memory for that length, as a deployment would."""
-    from mobilebert.deploy.mobile import INSTALL_HINT, ExecutorchModel, export_executorch
-
-    _require("executorch", INSTALL_HINT)
-    return _built_per_shape("executorch-int8" if int8 else "executorch", "pte", workdir,
-                            "lowering", "MobileBERT: about a minute, two with int8",
-                            lambda path, shape: export_executorch(model, path, batch=shape[0], length=shape[1],
-                                                                  int8=int8),
-                            lambda path: ExecutorchModel(path, threads))
-
-
-def _tflite(model, weights, workdir, threads, int8: bool = False) -> Backend:
-    """A LiteRT flatbuffer converted on the first call for that call's (batch, length): one signature of that
-    shape, so no call pads."""
-    from mobilebert.deploy.litert import INSTALL_HINT, TFLiteModel, export_tflite
-
-    _require("litert_torch", INSTALL_HINT)
-    return _built_per_shape("tflite-int8" if int8 else "tflite", "tflite", workdir,
-                            "converting", "MobileBERT: about 20 s",
-                            lambda path, shape: export_tflite(model, path, lengths=[shape[1]], batch=shape[0],
-                                                              int8=int8),
-                            lambda path: TFLiteModel(path, threads))
-
-
-def _require(module: str, hint: str) -> None:
-    """A UserError (the backend is skipped now, not on its first call) where `module` is not installed; found
-    without importing it, so `peak_memory` counts only the runtime a backend loads, not its converter."""
-    if importlib.util.find_spec(module) is None:
-        raise UserError(hint)
-
-
-def _built_per_shape(name: str, suffix: str, workdir: Path, verb: str, duration: str,
-                     build: Callable[[Path, tuple[int, ...]], Any], load: Callable[[Path], Callable[..., Any]]
-                     ) -> Backend:
-    """A backend whose file is built on the first call of each input shape (`build(path, shape)`, announced with
-    `verb` and how long it takes), then loaded."""
-    loaded: dict[tuple[int, ...], Callable[..., Any]] = {}
-
-    def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        shape = tuple(batch["input_ids"].shape)
-        if shape not in loaded:
-            path = workdir / f"{name}-{'x'.join(map(str, shape))}.{suffix}"  # `peak_memory`'s processes load it
-            if not path.is_file():
-                print(f"{name}: {verb} for {' x '.join(map(str, shape))} ({duration})")
-                build(path, shape)
-            loaded[shape] = load(path)
-            backend.size_bytes = file_bytes(path)
-        return _hidden(loaded[shape](**batch))
-
-    backend = Backend(name, run)
-    return backend
 
 
 def _hf_mobilebert(model, weights, workdir, threads) -> Backend:
@@ -253,16 +160,191 @@ def bert_flops(cfg: Any, seq: int) -> int:
     return 2 * L * (T * (4 * D * D + 2 * D * Fw) + 2 * T * T * D)
 
 
-BUILDERS: dict[str, Callable[..., Backend]] = {
-    "eager": _eager, "optimized": _optimized, "parallel": lambda *a: _optimized(*a, token_parallel=True),
-    "compiled": _compiled, "bf16": _bf16,
-    "compiled-bf16": lambda *a: _compiled(*a, dtype=torch.bfloat16), "aoti": _aoti,
-    "aoti-bf16": lambda *a: _aoti(*a, dtype=torch.bfloat16), "onnx": _onnx,
-    "onnx-int8": lambda *a: _onnx(*a, int8=True), "torch-int8": _torch_int8, "executorch": _executorch,
-    "executorch-int8": lambda *a: _executorch(*a, int8=True), "tflite": _tflite,
-    "tflite-int8": lambda *a: _tflite(*a, int8=True), "hf-mobilebert": _hf_mobilebert,
-    "hf-bert-base": _hf_bert_base,
+@dataclass(frozen=True)
+class Spec:
+    """One backend: what it is and where each of its steps lives."""
+
+    precision: str = "fp32"  # what it computes in: "fp32", "bf16" (only where the CPU has it natively) or "int8"
+    bench: Callable[..., Backend] | None = None  # in-process and references: (model, weights, workdir, threads)
+    inference: Callable[[nn.Module], nn.Module] | None = None  # in-process: the model as this backend runs it
+    file: str | None = None  # exported: the file `mobilebert export --format NAME` writes
+    export: formats.Exporter | None = None  # exported: (model, folder, file, options) -> {precision: path}
+    load: formats.Loader | None = None  # exported: (path, threads, float_model) -> the runtime's model
+    runtime: str = "torch"  # what runs it: "torch", "onnxruntime", "aoti", "executorch", "litert"
+    per_shape: bool = False  # exported for one input shape (batch, length): bench builds one per shape timed
+    requires: str | None = None  # a module that must be installed (checked without importing it)
+    calibrated: bool = False  # quantized on real text: exported only, never timed on random weights
+    default: bool = False  # in `mobilebert bench`'s default set
+    reference: bool = False  # another implementation, timed as the yardstick
+
+
+def _optimized_model(model: nn.Module, token_parallel: bool = False) -> nn.Module:
+    from mobilebert.deploy.optimize import optimize_for_inference
+
+    return optimize_for_inference(model, token_parallel=token_parallel)
+
+
+def _bf16_model(model: nn.Module) -> nn.Module:
+    from mobilebert.deploy.optimize import optimize_for_inference
+
+    return optimize_for_inference(model, dtype=torch.bfloat16)
+
+
+def _compiled_bf16_model(model: nn.Module) -> nn.Module:
+    from mobilebert.deploy.compiled import compile_for_inference
+
+    return compile_for_inference(model, dtype=torch.bfloat16)
+
+
+def _compiled_model(model: nn.Module) -> nn.Module:
+    from mobilebert.deploy.compiled import compile_for_inference
+
+    return compile_for_inference(model)
+
+
+_EXECUTORCH = dict(runtime="executorch", load=formats.load_executorch, per_shape=True, requires="executorch")
+_LITERT = dict(runtime="litert", load=formats.load_tflite, per_shape=True, requires="litert_torch")
+
+BACKENDS: dict[str, Spec] = {
+    "eager": Spec(bench=_eager, inference=lambda m: m, default=True),
+    "optimized": Spec(bench=_optimized, inference=_optimized_model, default=True),
+    "parallel": Spec(bench=lambda *a: _optimized(*a, token_parallel=True),
+                     inference=lambda m: _optimized_model(m, token_parallel=True), default=True),
+    "compiled": Spec(bench=_compiled, inference=_compiled_model),
+    "bf16": Spec("bf16", bench=_bf16, inference=_bf16_model, default=True),
+    "compiled-bf16": Spec("bf16", bench=lambda *a: _compiled(*a, dtype=torch.bfloat16),
+                          inference=_compiled_bf16_model, default=True),
+    "aoti": Spec(file="model.pt2", export=formats.aoti, load=formats.load_aoti, runtime="aoti"),
+    "aoti-bf16": Spec("bf16", file="model-bf16.pt2", export=formats.aoti_bf16, load=formats.load_aoti,
+                      runtime="aoti", default=True),
+    "onnx": Spec(file="model.onnx", export=formats.onnx, load=formats.load_onnx, runtime="onnxruntime",
+                 default=True),
+    "onnx-int8": Spec("int8", file="model-int8.onnx", export=formats.onnx_int8, load=formats.load_onnx,
+                      runtime="onnxruntime", default=True),
+    "onnx-int8-static": Spec("int8", file="model-int8-static.onnx", export=formats.onnx_int8_static,
+                             load=formats.load_onnx, runtime="onnxruntime", calibrated=True),
+    "torch-int8": Spec("int8", file="torch-int8.pt", export=formats.torch_int8, load=formats.load_torch_int8,
+                       default=True),
+    "executorch": Spec(file="model.pte", export=formats.executorch, **_EXECUTORCH),
+    "executorch-int8": Spec("int8", file="model-int8.pte", export=formats.executorch_int8, default=True,
+                            **_EXECUTORCH),
+    "tflite": Spec(file="model.tflite", export=formats.tflite, **_LITERT),
+    "tflite-int8": Spec("int8", file="model-int8.tflite", export=formats.tflite_int8, **_LITERT),
+    "hf-mobilebert": Spec(bench=_hf_mobilebert, reference=True, default=True),
+    "hf-bert-base": Spec(bench=_hf_bert_base, reference=True, default=True),
 }
+
+# Views of the table, in its order.
+FORMATS = {name: spec.file for name, spec in BACKENDS.items() if spec.file}  # what `mobilebert export` writes
+DEFAULT_BACKENDS = tuple(name for name, spec in BACKENDS.items() if spec.default)
+REFERENCES = tuple(name for name, spec in BACKENDS.items() if spec.reference)
+BF16 = tuple(name for name, spec in BACKENDS.items() if spec.precision == "bf16")  # timed only with native bf16
+
+
+def _bench_builder(name: str, spec: Spec) -> Callable[..., Backend]:
+    if spec.bench is not None:
+        return spec.bench
+    return lambda *a: (_exported_per_shape if spec.per_shape else _exported)(name, spec, *a)
+
+
+BUILDERS: dict[str, Callable[..., Backend]] = {name: _bench_builder(name, spec) for name, spec in BACKENDS.items()
+                                               if not spec.calibrated}
+
+
+def _check_runnable(spec: Spec) -> None:
+    """Raise where this backend cannot run here: its runtime is not installed (a UserError, found without
+    importing it, so `peak_memory` counts only the runtime a backend loads), or it is bf16 without native bf16."""
+    if spec.requires is not None and importlib.util.find_spec(spec.requires) is None:
+        raise UserError(_install_hint(spec.requires))
+    if spec.precision == "bf16":
+        _require_native_bf16()
+
+
+def _install_hint(module: str) -> str:
+    if module == "executorch":
+        from mobilebert.deploy.mobile import INSTALL_HINT
+    else:
+        from mobilebert.deploy.litert import INSTALL_HINT
+    return INSTALL_HINT
+
+
+def _exported(name: str, spec: Spec, model, weights, workdir, threads) -> Backend:
+    """An exported backend, written once per workdir (`peak_memory`'s processes load the parent's file)."""
+    _check_runnable(spec)
+    path = workdir / spec.file
+    if not path.is_file():
+        options = formats.ExportOptions(length=min(128, model.config.max_position_embeddings), threads=threads)
+        spec.export(model, workdir, spec.file, options)
+    runtime = spec.load(path, threads, lambda: type(model)(model.config))
+    return Backend(name, lambda b: _hidden(runtime(**b)), file_bytes(path))
+
+
+def _exported_per_shape(name: str, spec: Spec, model, weights, workdir, threads) -> Backend:
+    """An exported backend of fixed shape (ExecuTorch, LiteRT), written on the first call of each (batch, length):
+    a program made for the length timed plans its memory for that length, as a deployment would."""
+    _check_runnable(spec)
+    loaded: dict[tuple[int, ...], Callable[..., Any]] = {}
+
+    def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        shape = tuple(batch["input_ids"].shape)
+        if shape not in loaded:
+            stem, suffix = spec.file.rsplit(".", 1)
+            file = f"{name}-{'x'.join(map(str, shape))}.{suffix}"  # `peak_memory`'s processes load it
+            if not (workdir / file).is_file():
+                spec.export(model, workdir, file, formats.ExportOptions(length=shape[1], batch=shape[0]))
+            loaded[shape] = spec.load(workdir / file, threads, None)
+            backend.size_bytes = file_bytes(workdir / file)
+        return _hidden(loaded[shape](**batch))
+
+    backend = Backend(name, run)
+    return backend
+
+
+def load_exported(fmt: str, path: str | Path, threads: int | None = None,
+                  float_model: Callable[[], nn.Module] | None = None) -> Any:
+    """The runtime's model of an exported file, called as (input_ids, attention_mask, token_type_ids) and returning
+    outputs by name (torch-int8: the quantized module; `float_model` builds the float model it was quantized from)."""
+    spec = BACKENDS.get(fmt)
+    if spec is None or spec.load is None:
+        raise ValueError(f"no runner for format {fmt!r}")
+    return spec.load(Path(path), threads, float_model)
+
+
+Runner = Callable[[dict[str, torch.Tensor]], dict[str, np.ndarray]]  # a batch -> outputs by name
+
+
+def open_exported(fmt: str, path: str | Path, threads: int | None = None,
+                  float_model: Callable[[], nn.Module] | None = None) -> Runner:
+    """`load_exported`'s model as a runner of a batch: outputs by name as float32 numpy arrays."""
+    model = load_exported(fmt, path, threads, float_model)
+    if isinstance(model, nn.Module):
+        from mobilebert.deploy.export import eager_outputs
+
+        return lambda batch: eager_outputs(model, batch)
+
+    def run(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return {k: (v.float().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=np.float32))
+                for k, v in out.items()}
+
+    return run
+
+
+def task_model(name: str, model: nn.Module, folder: Path, length: int, threads: int | None = None) -> Any:
+    """`model` (a task model) as backend `name` runs it, for scoring: an in-process module, or the exported file
+    (written under `folder` for inputs up to `length` tokens) behind the task-model interface `finetuning.predict`
+    calls. What the demo's deploy stage and the reduced-precision benchmark score."""
+    from mobilebert.deploy.export import OnnxTaskModel
+
+    spec = BACKENDS[name]
+    if spec.inference is not None:
+        return spec.inference(model)
+    if spec.export is None or spec.calibrated:
+        raise ValueError(f"backend {name!r} cannot score a task model")
+    _check_runnable(spec)
+    files = spec.export(model, folder, spec.file, formats.ExportOptions(length=length, threads=threads))
+    runtime = spec.load(files[spec.precision], threads, lambda: type(model)(model.config))
+    return runtime if isinstance(runtime, nn.Module) else OnnxTaskModel(runtime)
 
 
 def file_bytes(path: Path) -> int | None:

@@ -37,9 +37,7 @@ def deploy_stage(plan, out: Path) -> Callable[[Path], dict]:
 
     def work(folder: Path) -> dict:
         from mobilebert.data.tasks import get_task
-        from mobilebert.deploy.export import OnnxModel, OnnxTaskModel, export_onnx
-        from mobilebert.deploy.optimize import optimize_for_inference
-        from mobilebert.deploy.quantize import quantize_onnx_dynamic
+        from mobilebert.deploy.backends import task_model
         from mobilebert.finetuning import (
             load_model,
             load_split,
@@ -56,15 +54,13 @@ def deploy_stage(plan, out: Path) -> Callable[[Path], dict]:
             task = get_task(name)
             settings = settings_from_record(recorded_settings(str(model_dir)))  # the lengths it was fine-tuned with
             model = load_model(task, str(model_dir))
-            fp32 = export_onnx(model, folder / name / "model.onnx")
-            int8 = quantize_onnx_dynamic(fp32, folder / name / "model-int8.onnx")
             tokenizer = Tokenizer.from_pretrained(model_dir)
             dev = load_split(task, "validation", str(out / "tasks" / name), tokenizer, settings, training=False)
-            metrics = score(dev, predict(OnnxTaskModel(OnnxModel(int8, threads=torch.get_num_threads())), dev,
-                                         tokenizer, settings), settings)
-            bf16 = optimize_for_inference(model, dtype=torch.bfloat16)
-            results[name] = {"metrics": metrics, "fp32_bytes": fp32.stat().st_size,
-                             "int8_bytes": int8.stat().st_size,
+            int8 = task_model("onnx-int8", model, folder / name, settings.seq_length(task), torch.get_num_threads())
+            bf16 = task_model("bf16", model, folder / name, settings.seq_length(task))
+            results[name] = {"metrics": score(dev, predict(int8, dev, tokenizer, settings), settings),
+                             "fp32_bytes": (folder / name / "model.onnx").stat().st_size,
+                             "int8_bytes": (folder / name / "model-int8.onnx").stat().st_size,
                              "bf16_metrics": score(dev, predict(bf16, dev, tokenizer, settings), settings)}
         return {"tasks": results}
 

@@ -20,24 +20,21 @@ import torch
 from torch import nn
 
 from mobilebert.checkpoint import CONFIG_NAME, TOKENIZER_FILES, read_config, resolve
+from mobilebert.deploy.backends import BACKENDS, FORMATS, Runner, open_exported
 from mobilebert.deploy.export import (
     DEFAULT_OPSET,
     argmax_agreement,
     eager_outputs,
     example_batch,
-    export_onnx,
     mobile_runtime_versions,
     relative_errors,
 )
+from mobilebert.deploy.formats import ExportOptions
 from mobilebert.deploy.fused_ops import cpu_bf16
 from mobilebert.deploy.quantize import (
     file_size,
-    quantize_onnx_dynamic,
-    quantize_onnx_static,
-    quantize_torch_dynamic,
     state_dict_size,
 )
-from mobilebert.deploy.runners import FORMATS, Runner, open_exported
 from mobilebert.errors import UserError
 from mobilebert.files import atomic_write
 from mobilebert.finetuning import FINETUNING_FILE
@@ -116,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
     n_cal = min(args.calibration, len(pairs)) if args.format == "onnx-int8-static" else 0
     calibration, held_out = pairs[:n_cal], pairs[n_cal:n_cal + EVAL_EXAMPLES] or pairs[-EVAL_EXAMPLES:]
     batch = evaluation_batch(model, tokenizer, held_out, args.max_seq_length, args.choices)
-    if args.format.startswith("tflite"):  # eager on the padding the longest signature runs it with (see litert)
+    if BACKENDS[args.format].runtime == "litert":  # eager on the padding the longest signature runs (see litert)
         from mobilebert.deploy.litert import padded_to
 
         batch = padded_to(batch, _length(model, args.max_seq_length), model.config.pad_token_id)
@@ -148,53 +145,18 @@ def main(args: argparse.Namespace) -> int:
 def export(model: nn.Module, args: argparse.Namespace, out: Path, tokenizer: Tokenizer | None,
            calibration: list[Pair]) -> tuple[dict[str, int], int, dict[str, Runner]]:
     """Write the format's files. Returns their sizes, the fp32 size, and a runner for each exported model."""
-    if args.format in ("aoti", "aoti-bf16"):
-        from mobilebert.deploy.aoti import export_aoti
-
-        bf16 = args.format == "aoti-bf16"
-        print("compiling with AOTInductor (seconds for the small presets; MobileBERT: about a minute in fp32, two in "
-              "bf16)")
-        path = export_aoti(model, out / FORMATS[args.format], torch.bfloat16 if bf16 else None, args.threads)
-        return {path.name: file_size(path)}, state_dict_size(model), {"bf16" if bf16 else "fp32":
-                                                                      open_exported(args.format, path)}
-    if args.format in ("executorch", "executorch-int8"):
-        from mobilebert.deploy.mobile import export_executorch
-
-        int8 = args.format == "executorch-int8"
-        print("lowering to ExecuTorch with XNNPACK (seconds for the small presets; MobileBERT: about a minute, two "
-              "with int8)")
-        path = export_executorch(model, out / FORMATS[args.format], length=_length(model, args.max_seq_length),
-                                 choices=args.choices, int8=int8)
-        program = open_exported(args.format, path, args.threads)
-        return {path.name: file_size(path)}, state_dict_size(model), {"int8" if int8 else "fp32": program}
-    if args.format in ("tflite", "tflite-int8"):
-        from mobilebert.deploy.litert import export_tflite
-
-        int8 = args.format == "tflite-int8"
-        lengths = sorted({_length(model, n) for n in args.lengths or [args.max_seq_length]})  # within positions
-        print(f"converting to LiteRT, signatures of {', '.join(map(str, lengths))} tokens (seconds for the small "
-              "presets; MobileBERT: about 20 s each)")
-        path = export_tflite(model, out / FORMATS[args.format], lengths=lengths, choices=args.choices, int8=int8)
-        return {path.name: file_size(path)}, state_dict_size(model), {"int8" if int8 else "fp32":
-                                                                      open_exported(args.format, path, args.threads)}
-    if args.format == "torch-int8":
-        quantized = quantize_torch_dynamic(model)
-        path = out / FORMATS["torch-int8"]
-        atomic_write(path, lambda p: torch.save(quantized.state_dict(), p))
-        return {path.name: file_size(path)}, state_dict_size(model), {"int8": lambda b: eager_outputs(quantized, b)}
-    fp32 = export_onnx(model, out / FORMATS["onnx"], opset=args.opset, max_seq_length=args.max_seq_length,
-                       optimize=args.optimize)
-    paths = {"fp32": fp32}
-    if args.format == "onnx-int8":
-        paths["int8"] = quantize_onnx_dynamic(fp32, out / FORMATS["onnx-int8"])
-    elif args.format == "onnx-int8-static":
-        batches = [_text_batch(model, tokenizer, calibration[i:i + CALIBRATION_BATCH], args.max_seq_length,
-                               args.choices)
-                   for i in range(0, len(calibration), CALIBRATION_BATCH)]
-        paths["int8"] = quantize_onnx_static(fp32, out / FORMATS["onnx-int8-static"], batches,
-                                             method=args.calibration_method)
-    runners = {name: open_exported("onnx", path, args.threads) for name, path in paths.items()}
-    return {p.name: file_size(p) for p in paths.values()}, file_size(fp32), runners
+    spec = BACKENDS[args.format]
+    batches = [_text_batch(model, tokenizer, calibration[i:i + CALIBRATION_BATCH], args.max_seq_length, args.choices)
+               for i in range(0, len(calibration), CALIBRATION_BATCH)] if spec.calibrated else []
+    options = ExportOptions(length=_length(model, args.max_seq_length),
+                            lengths=tuple(_length(model, n) for n in args.lengths or ()), choices=args.choices,
+                            threads=args.threads, opset=args.opset, optimize=args.optimize, calibration=batches,
+                            calibration_method=args.calibration_method)
+    paths = spec.export(model, out, spec.file, options)
+    runners = {precision: open_exported(args.format, path, args.threads, lambda: type(model)(model.config))
+               for precision, path in paths.items()}
+    fp32_bytes = file_size(paths["fp32"]) if "fp32" in paths else state_dict_size(model)
+    return {p.name: file_size(p) for p in paths.values()}, fp32_bytes, runners
 
 
 def compare(model: nn.Module, runners: dict[str, Runner], batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -286,7 +248,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if args.task is not None and args.task not in TASKS:
         raise UserError(f"unknown task {args.task!r}; choose one of: {', '.join(TASKS)}")
     if args.lengths is not None:
-        if not args.format.startswith("tflite"):
+        if BACKENDS[args.format].runtime != "litert":
             raise UserError("--lengths applies to the tflite formats (one signature per length)")
         if min(args.lengths) < 1:
             raise UserError(f"--lengths must be positive, got {min(args.lengths)}")
@@ -299,12 +261,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--calibration must be a positive number of examples, got {args.calibration}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be positive, got {args.threads}")
-    if args.format.startswith(("aoti", "executorch", "tflite")) and not args.optimize:
+    if BACKENDS[args.format].runtime != "onnxruntime" and not args.optimize:
         raise UserError("--no-optimize applies to the ONNX formats; AOTInductor packages, ExecuTorch programs and "
                         "LiteRT models are always made from the optimized model")
-    if args.format == "aoti-bf16" and not cpu_bf16():
+    if BACKENDS[args.format].precision == "bf16" and not cpu_bf16():
         raise UserError("this CPU has no native bf16 (AVX512-BF16/AMX): a bf16 package built here would emulate it, "
-                        "slower than fp32; use --format aoti")
+                        f"slower than fp32; use --format {args.format.removesuffix('-bf16')}")
 
 
 # ---- reporting ----
@@ -328,24 +290,22 @@ def summary(report: dict[str, Any]) -> str:
         agreement = result["argmax_agreement"]
         rows.append([name, f"{error:.2e}", f"{min(agreement.values()):.3f}" if agreement else "-"])
     sizes = ", ".join(f"{file} {size / 1e6:.2f} MB" for file, size in report["files"].items())
-    if report["format"] != "onnx":
+    if BACKENDS[report["format"]].precision != "fp32":
         sizes += f"; fp32 ({report['fp32_bytes'] / 1e6:.2f} MB) is {report['size_ratio']}x that"
     c, v = report["conditions"], report["versions"]
     calibrated = ""
     if c["calibration_examples"]:
         calibrated = (f" ({'held out from' if c['held_out'] else 'overlapping'} the {c['calibration_examples']} "
                       "calibration examples)")
-    runtime_threads = f"onnxruntime threads {c['threads'] or 'default'}"
-    if report["format"].startswith("aoti"):
-        runtime_threads = f"package built for {c['threads'] or c['torch_threads']} threads"
-    elif report["format"].startswith("executorch"):
-        runtime_threads = f"XNNPACK threads {c['threads'] or 'default'}"
-    elif report["format"].startswith("tflite"):
-        runtime_threads = f"LiteRT threads {c['threads'] or 'default'}"
+    spec = BACKENDS[report["format"]]
+    runtime_threads = {"aoti": f"package built for {c['threads'] or c['torch_threads']} threads",
+                       "executorch": f"XNNPACK threads {c['threads'] or 'default'}",
+                       "litert": f"LiteRT threads {c['threads'] or 'default'}",
+                       "onnxruntime": f"onnxruntime threads {c['threads'] or 'default'}"}.get(spec.runtime, "")
     return "\n".join([
         format_table(["model", "max relative error vs eager", "argmax agreement"], rows),
         f"{report['architecture']} as {report['format']}: {sizes}",
         f"measured against eager float32 PyTorch on {c['examples']} examples x {c['sequence']} tokens of "
-        f"{c['text']} text{calibrated}; {runtime_threads}, torch threads "
+        f"{c['text']} text{calibrated}; {runtime_threads + ', ' if runtime_threads else ''}torch threads "
         f"{c['torch_threads']}; torch {v['torch']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}",
     ])
