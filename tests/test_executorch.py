@@ -24,7 +24,7 @@ from conftest import (
 )
 
 import mobilebert as mb
-from mobilebert.deploy.mobile import portable
+from mobilebert.deploy.optimize import portable
 
 LENGTH = 16
 

@@ -16,15 +16,8 @@ from conftest import TINY, VARIANTS, padded_batch, randomize, relative_error, ru
 from torch import nn
 
 import mobilebert as mb
-from mobilebert.deploy.export import (
-    OnnxModel,
-    argmax_agreement,
-    check_parity,
-    eager_outputs,
-    example_batch,
-    export_onnx,
-    relative_errors,
-)
+from mobilebert.deploy.export import OnnxModel, check_parity, export_onnx
+from mobilebert.deploy.interface import argmax_agreement, eager_outputs, example_batch, relative_errors
 from mobilebert.deploy.quantize import (
     BatchReader,
     file_size,

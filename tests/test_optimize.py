@@ -209,7 +209,7 @@ def test_dtype_conversion_after_optimizing_keeps_outputs_right():
 
 def test_portable_form_follows_dtype_conversion():
     """The portable forward's (out, in) weight copies, built by `make_portable`, follow a later .double() too."""
-    from mobilebert.deploy.mobile import portable
+    from mobilebert.deploy.optimize import portable
 
     eager = build("Model", mb.MobileBertConfig(**TINY))
     fast = portable(optimize_for_inference(eager))

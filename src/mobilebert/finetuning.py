@@ -196,7 +196,7 @@ def task_sums(out: Any, batch: Batch) -> dict[str, torch.Tensor]:
 def predict(model: torch.nn.Module, data: TaskData, tokenizer: Tokenizer, settings: TaskSettings,
             batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
     """Logits of every row: (N, labels) for classification, (N,) for regression, (N, 2, T) start/end for QA.
-    `model` is one of our task models or anything called like one (e.g. `deploy.export.OnnxTaskModel`)."""
+    `model` is one of our task models or anything called like one (e.g. `deploy.interface.ExportedTaskModel`)."""
     model.eval()
     outputs = []
     starts = range(0, len(data), batch_size)

@@ -48,7 +48,7 @@ EXPORT_RECORD = "export.json"  # written by `mobilebert export` beside the expor
 
 @dataclass
 class Predictor:
-    model: Any  # a task model, or an exported model's runtime wrapped to be called like one (`OnnxTaskModel`)
+    model: Any  # a task model, or an exported model's runtime wrapped to be called like one (`ExportedTaskModel`)
     tokenizer: Tokenizer
     task: Task
     settings: TaskSettings
@@ -132,7 +132,7 @@ def check_example(example: Example, fields: Sequence[str], where: str) -> None:
 
 def _task_model(folder: Path, task: Task, threads: int | None) -> Any:
     """The fine-tuned model, called like our task models: the PyTorch model of a checkpoint, or the exported format's
-    runtime (named in the folder's export.json) behind `OnnxTaskModel`."""
+    runtime (named in the folder's export.json) behind `ExportedTaskModel`."""
     record_path = folder / EXPORT_RECORD
     if not record_path.is_file():
         check_task_head(str(folder), task)
@@ -160,6 +160,6 @@ def _task_model(folder: Path, task: Task, threads: int | None) -> Any:
     model = load_exported(fmt, path, threads, float_model=float_model)
     if isinstance(model, torch.nn.Module):
         return model
-    from mobilebert.deploy.export import OnnxTaskModel  # imports onnx: only for exported models
+    from mobilebert.deploy.interface import ExportedTaskModel  # imports onnx: only for exported models
 
-    return OnnxTaskModel(model)
+    return ExportedTaskModel(model)

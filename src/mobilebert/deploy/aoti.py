@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mobilebert.deploy.compiled import inductor_settings, own_ffn_storage
-from mobilebert.deploy.export import (
+from mobilebert.deploy.interface import (
     INPUT_NAMES,
     Exportable,
     dynamic_axes,

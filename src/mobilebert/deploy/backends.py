@@ -145,7 +145,7 @@ def _hf_bert_base(model, weights, workdir, threads) -> Backend:
 
 def import_transformers() -> Any:
     """transformers, imported without the notes it prints where torchao (ExecuTorch's dependency) is installed."""
-    from mobilebert.deploy.mobile import quiet_stderr
+    from mobilebert.deploy.interface import quiet_stderr
 
     with quiet_stderr():
         import transformers
@@ -318,7 +318,7 @@ def open_exported(fmt: str, path: str | Path, threads: int | None = None,
     """`load_exported`'s model as a runner of a batch: outputs by name as float32 numpy arrays."""
     model = load_exported(fmt, path, threads, float_model)
     if isinstance(model, nn.Module):
-        from mobilebert.deploy.export import eager_outputs
+        from mobilebert.deploy.interface import eager_outputs
 
         return lambda batch: eager_outputs(model, batch)
 
@@ -334,7 +334,7 @@ def task_model(name: str, model: nn.Module, folder: Path, length: int, threads: 
     """`model` (a task model) as backend `name` runs it, for scoring: an in-process module, or the exported file
     (written under `folder` for inputs up to `length` tokens) behind the task-model interface `finetuning.predict`
     calls. What the demo's deploy stage and the reduced-precision benchmark score."""
-    from mobilebert.deploy.export import OnnxTaskModel
+    from mobilebert.deploy.interface import ExportedTaskModel
 
     spec = BACKENDS[name]
     if spec.inference is not None:
@@ -344,7 +344,7 @@ def task_model(name: str, model: nn.Module, folder: Path, length: int, threads: 
     _check_runnable(spec)
     files = spec.export(model, folder, spec.file, formats.ExportOptions(length=length, threads=threads))
     runtime = spec.load(files[spec.precision], threads, lambda: type(model)(model.config))
-    return runtime if isinstance(runtime, nn.Module) else OnnxTaskModel(runtime)
+    return runtime if isinstance(runtime, nn.Module) else ExportedTaskModel(runtime)
 
 
 def file_bytes(path: Path) -> int | None:

@@ -74,7 +74,7 @@ def _peak_rss_mb(name: str, weights: str, workdir: str, threads: int, inputs: di
         importlib.import_module("onnxruntime")
     with contextlib.suppress(ImportError):
         import_transformers()
-    from mobilebert.deploy.mobile import quiet_stderr
+    from mobilebert.deploy.interface import quiet_stderr
 
     for runtime in ("executorch.runtime", "ai_edge_litert.interpreter"):  # the on-device runtimes' libraries
         with contextlib.suppress(ImportError), quiet_stderr():
@@ -173,7 +173,7 @@ def conditions(threads: int, batch: int, seq: int, peak: float) -> dict[str, Any
     for module in ("onnxruntime", "transformers"):
         with contextlib.suppress(ImportError):
             versions[module] = __import__(module).__version__
-    from mobilebert.deploy.export import mobile_runtime_versions  # not at the top: it loads onnx, and bench and
+    from mobilebert.deploy.interface import mobile_runtime_versions  # not at the top: it loads onnx, and bench and
     # peak_memory's baseline processes import this module without needing it
 
     versions |= mobile_runtime_versions()

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mobilebert.deploy.export import (
+from mobilebert.deploy.interface import (
     INPUT_NAMES,
     Exportable,
     check_runner_shape,
@@ -43,11 +43,11 @@ from mobilebert.deploy.export import (
     eval_mode,
     example_batch,
     padded_inputs,
+    quiet_stderr,
     run_in_chunks,
     runner_inputs,
 )
-from mobilebert.deploy.mobile import portable, quiet_stderr
-from mobilebert.deploy.optimize import optimize_for_inference
+from mobilebert.deploy.optimize import optimize_for_inference, portable
 from mobilebert.errors import UserError
 from mobilebert.files import atomic_write
 from mobilebert.model import check_length

@@ -20,19 +20,17 @@ short chunk with rows of [PAD], so it takes any batch; outputs come back at the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mobilebert.deploy.export import (
+from mobilebert.deploy.fused_block import FusedEmbeddings
+from mobilebert.deploy.interface import (
     INPUT_NAMES,
     Exportable,
     check_runner_shape,
@@ -41,30 +39,17 @@ from mobilebert.deploy.export import (
     eval_mode,
     example_batch,
     export_shapes,
+    quiet_stderr,
     run_in_chunks,
     runner_inputs,
 )
-from mobilebert.deploy.fused_block import FusedBlock, FusedEmbeddings
-from mobilebert.deploy.optimize import FusedMobileBert, optimize_for_inference
+from mobilebert.deploy.optimize import optimize_for_inference, portable
 from mobilebert.errors import UserError
 from mobilebert.files import atomic_write
 from mobilebert.model import check_length
 
 METADATA_METHOD = "mobilebert_metadata"  # a constant method of the program: our metadata as UTF-8 JSON bytes
 INSTALL_HINT = "ExecuTorch is not installed: pip install 'mobilebert[mobile]' (executorch)"
-
-
-def portable(fused: nn.Module) -> nn.Module:
-    """`fused` (an optimized model) switched to the forward ExecuTorch's XNNPACK backend delegates; returned.
-
-    Captures only: eager calls of the portable forward are correct but slower than the optimized model's own.
-    """
-    for module in fused.modules():
-        if isinstance(module, (FusedBlock, FusedEmbeddings)):
-            module.make_portable()
-        elif isinstance(module, FusedMobileBert):
-            module.portable = True
-    return fused
 
 
 def export_executorch(model: nn.Module, path: str | os.PathLike, batch: int = 1, length: int = 128,
@@ -198,22 +183,6 @@ def _without_unused_buffers(program: torch.export.ExportedProgram) -> torch.expo
         program.graph.erase_node(placeholders[spec.arg.name])
     program.graph_module.recompile()
     return program
-
-
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Silence what ExecuTorch's C++ runtime and torchao write straight to stderr while loading (the runtime's CPU
-    probing, optional CUDA kernels torchao cannot load here): notes, not errors; errors arrive as exceptions."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _utf8(text: str) -> torch.Tensor:

@@ -284,3 +284,16 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = None,
         extension()  # build (or load) it now: a missing compiler is an error here, not in the first forward
         backbone.token_parallel = TokenParallel()
     return fused
+
+
+def portable(fused: nn.Module) -> nn.Module:
+    """`fused` (an optimized model) switched to the forward ExecuTorch's XNNPACK backend delegates; returned.
+
+    Captures only: eager calls of the portable forward are correct but slower than the optimized model's own.
+    """
+    for module in fused.modules():
+        if isinstance(module, (FusedBlock, FusedEmbeddings)):
+            module.make_portable()
+        elif isinstance(module, FusedMobileBert):
+            module.portable = True
+    return fused

@@ -2,7 +2,7 @@
 
 Every function returns a new file or a new module; the input is never changed. MobileBERT's NoNorm activations
 reach 1e7–1e8 in trained checkpoints, so per-tensor int8 activations can lose much (docs/deployment.md: published
-int8 SQuAD models lose 1–2 F1): measure agreement with `deploy.export.argmax_agreement` before shipping.
+int8 SQuAD models lose 1–2 F1): measure agreement with `deploy.interface.argmax_agreement` before shipping.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mobilebert.deploy.export import INPUT_NAMES
+from mobilebert.deploy.interface import INPUT_NAMES
 from mobilebert.errors import UserError
 from mobilebert.files import atomic_write
 
