@@ -101,6 +101,14 @@ class Exportable(nn.Module):
         return tuple(getattr(out, name) for name in self.names)
 
 
+def export_metadata(model: nn.Module, names: list[str], dtype: str) -> dict[str, Any]:
+    """What an exported file records about its model so that its runner can return outputs by name and pad inputs:
+    the architecture, output names, dtype, dynamic axes, [PAD] id and the transformers config."""
+    return {"architecture": type(model).__name__, "outputs": names, "dtype": dtype,
+            "axes": dynamic_axes(model, names), "pad_token_id": model.config.pad_token_id,
+            "config": model.config.to_transformers_dict(type(model).__name__)}
+
+
 def dynamic_axes(model: nn.Module, names: list[str]) -> dict[str, dict[int, str]]:
     """Batch and sequence (and choices) axes of every input and output, by name."""
     choices = isinstance(model, MobileBertForMultipleChoice)

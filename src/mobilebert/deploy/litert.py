@@ -38,10 +38,10 @@ from mobilebert.deploy.interface import (
     INPUT_NAMES,
     Exportable,
     check_runner_shape,
-    dynamic_axes,
     eager_outputs,
     eval_mode,
     example_batch,
+    export_metadata,
     padded_inputs,
     quiet_stderr,
     run_in_chunks,
@@ -83,11 +83,9 @@ def export_tflite(model: nn.Module, path: str | os.PathLike, lengths: tuple[int,
         for T, example in examples.items():
             converter.signature(f"{SIGNATURE_PREFIX}{T}", wrapper,  # int32 inputs: LiteRT has no int64 ones
                                 sample_kwargs={name: example[name].int() for name in INPUT_NAMES})
-        metadata = {"architecture": type(model).__name__, "outputs": names, "dtype": "int8" if int8 else "float32",
-                    "axes": dynamic_axes(model, names), "pad_token_id": model.config.pad_token_id,
-                    "shapes": {f"{SIGNATURE_PREFIX}{T}": list(example["input_ids"].shape)
-                               for T, example in examples.items()},
-                    "config": model.config.to_transformers_dict(type(model).__name__)}
+        metadata = export_metadata(model, names, "int8" if int8 else "float32")
+        metadata["shapes"] = {f"{SIGNATURE_PREFIX}{T}": list(example["input_ids"].shape)
+                              for T, example in examples.items()}
         with torch.no_grad(), warnings.catch_warnings(), quiet_stderr(), _no_progress(litert_torch):
             warnings.simplefilter("ignore")  # torch.export's notes on internals
             content = with_metadata(converter.convert().model_content(), metadata)

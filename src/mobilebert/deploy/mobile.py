@@ -38,6 +38,7 @@ from mobilebert.deploy.interface import (
     eager_outputs,
     eval_mode,
     example_batch,
+    export_metadata,
     export_shapes,
     quiet_stderr,
     run_in_chunks,
@@ -81,9 +82,8 @@ def export_executorch(model: nn.Module, path: str | os.PathLike, batch: int = 1,
         axes = dynamic_axes(model, names)
         dims = {"sequence": torch.export.Dim("sequence", min=1, max=length)} if length > 1 else {}  # batch fixed
         shapes = export_shapes(axes, dims)
-        metadata = {"architecture": type(model).__name__, "outputs": names, "dtype": "int8" if int8 else "float32",
-                    "axes": axes, "pad_token_id": model.config.pad_token_id, "shape": list(example["input_ids"].shape),
-                    "config": model.config.to_transformers_dict(type(model).__name__)}
+        metadata = export_metadata(model, names, "int8" if int8 else "float32")
+        metadata["shape"] = list(example["input_ids"].shape)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.export's and torchao's notes on internals
             program = torch.export.export(wrapper, inputs, dynamic_shapes=shapes)
