@@ -64,7 +64,7 @@ def test_task_distillation_experiment_compares_plain_and_kd_fine_tuning_of_the_d
     """experiments/task_kd.py on the quick demo's folder: both fine-tunings per seed, and the table."""
     out, result = demo
     assert result.returncode == 0, result.stderr[-3000:]
-    spec = importlib.util.spec_from_file_location("task_kd", Path(__file__).parents[1] / "experiments" / "task_kd.py")
+    spec = importlib.util.spec_from_file_location("task_kd", Path(__file__).parents[2] / "experiments" / "task_kd.py")
     task_kd = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(task_kd)
     assert task_kd.main(["--demo", str(out), "--out", str(tmp_path / "kd"), "--quick", "--workers", "1",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "ablation.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "ablation.py"
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def test_paper_config_rates_are_the_official_code_s():
     from mobilebert.recipes.config import load_config
     from mobilebert.recipes.distill import DistillOptions
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     options = load_config(DistillOptions, root / "paper" / "mobilebert-pkt.yaml")
     rates = options.distill.rates()
     stages = plan("pkt", 24, options.distill.layerwise_steps, options.distill.pd_steps)

@@ -126,7 +126,7 @@ def test_export_command_bf16_package_is_close_to_eager(checkpoint, tmp_path):
 @pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("c++")), reason="needs cmake and a C++ compiler")
 def test_the_cpp_example_builds_and_runs_a_package(mobilebert_package, tmp_path):
     """examples/aoti_cpp, built against the libtorch of this environment as its CMakeLists.txt says."""
-    source = Path(__file__).resolve().parents[1] / "examples" / "aoti_cpp"
+    source = Path(__file__).resolve().parents[2] / "examples" / "aoti_cpp"
     build_dir = tmp_path / "build"
     subprocess.run(["cmake", "-S", str(source), "-B", str(build_dir), f"-DCMAKE_PREFIX_PATH={cmake_prefix_path}"],
                    check=True, capture_output=True)

@@ -111,7 +111,7 @@ def test_backend_and_head_names_agree_across_bench_export_and_the_accuracy_bench
         assert (spec.file is None) == (spec.export is None) == (spec.load is None), name
         assert spec.bench is not None or spec.export is not None, name
         assert spec.precision in ("fp32", "bf16", "int8"), name
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "reduced_precision_accuracy.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "reduced_precision_accuracy.py"
     spec = importlib.util.spec_from_file_location("reduced_precision_accuracy", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
