@@ -64,7 +64,7 @@ class FusedEmbeddings(nn.Module):
 
     def make_portable(self) -> None:
         """Project with `F.linear` on a constant (out, in) copy of the weight, then add the positions: the form
-        ExecuTorch's quantizer and XNNPACK's partitioner take (`mobilebert.deploy.mobile.portable`)."""
+        ExecuTorch's quantizer and XNNPACK's partitioner take (`mobilebert.deploy.optimize.portable`)."""
         self.weight = self.weight_t.t().contiguous()
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
@@ -150,7 +150,7 @@ class FusedBlock(nn.Module):
         self._linear_layout: BlockWeights | None = None  # (out, in) matrices for the portable forward
         self._pack_wanted = False
         self.ffns_own_storage = False  # `weights()` gives each FFN copies, not views of the stacked buffers
-        self.portable = False  # `forward` in XNNPACK's ops (`mobilebert.deploy.mobile.portable`)
+        self.portable = False  # `forward` in XNNPACK's ops (`mobilebert.deploy.optimize.portable`)
 
     def _attention_weights(self, block: Block) -> tuple[list, list[nn.Linear], Sublayer]:
         """(W, b) pieces of the first matmul, the Linears of the second, and the attention output's sub-layer;

@@ -2,7 +2,7 @@
 iOS's on-device runtime (the paper measured MobileBERT in it, on a Pixel 4), run here by LiteRT's interpreter
 with its XNNPACK delegate.
 
-`export_tflite` converts `optimize_for_inference(model)` in its portable form (`mobilebert.deploy.mobile.portable`:
+`export_tflite` converts `optimize_for_inference(model)` in its portable form (`mobilebert.deploy.optimize.portable`:
 `F.linear` on constant weights, attention as bmm, softmax, bmm) with litert-torch (torch.export, then StableHLO,
 then TFLite). LiteRT's converter lowers static shapes only (a symbolic length fails in its slicing), so one file
 holds one signature per sequence length asked for, `length_<T>`, all of them reading one shared copy of the

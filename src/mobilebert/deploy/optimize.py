@@ -20,7 +20,7 @@ Every rewrite is exact algebra; outputs differ from eager only by float rounding
 - Dropout is gone (inference only). LayerNorm (w/o OPT, the teacher) stays LayerNorm, with eager's eps.
 
 Where a runtime needs other ops, the same weights run another forward: `FusedBlock.pack` (oneDNN-prepacked bf16),
-`FusedBlock.make_portable` (the ops ExecuTorch's XNNPACK backend takes; `mobilebert.deploy.mobile.portable`).
+`FusedBlock.make_portable` (the ops ExecuTorch's XNNPACK backend takes; `mobilebert.deploy.optimize.portable`).
 
 Axes: B batch, T tokens, N = B*T, H heads, D hidden_size, I intra_bottleneck_size, E embedding_size, V vocab.
 """
@@ -65,7 +65,7 @@ class FusedMobileBert(nn.Module):
         self.layers = nn.ModuleList([FusedBlock(block) for block in model.layers])
         self.has_pooler = model.has_pooler
         self.pooler = copy.deepcopy(model.pooler)
-        self.portable = False  # see `mobilebert.deploy.mobile.portable`
+        self.portable = False  # see `mobilebert.deploy.optimize.portable`
         self.token_parallel: TokenParallel | None = None  # see `optimize_for_inference(token_parallel=True)`
         self._scale_residuals()
 
