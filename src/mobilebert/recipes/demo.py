@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mobilebert.data.builtin_tasks import BUILTIN_TASKS, BuiltinSizes, write_builtin_tasks
+from mobilebert.errors import UserError
 from mobilebert.files import atomic_write
 
 
@@ -112,12 +113,17 @@ def _stage_process(out: Path, name: str, work: Callable[[Path], dict[str, Any] |
     run_stage(out, name, work)
 
 
-def _run(main: Callable[[argparse.Namespace], int], out: Path, config: str | None, overrides: list[str],
-         **extra: Any) -> None:
-    args = argparse.Namespace(config=config, out=str(out), resume=True, overwrite=False, overrides=overrides,
-                              **extra)
-    if main(args) != 0:
-        raise RuntimeError(f"{main.__module__} failed")
+def _run(command: str, out: Path, config: str | None, overrides: list[str], **options: str) -> None:
+    """Run `mobilebert COMMAND` in this process, as a user would type it: `--resume`, so that a stage killed
+    midway continues from its last checkpoint."""
+    from mobilebert.cli import main
+
+    argv = [command, "--out", str(out), "--resume", *(["--config", config] if config else [])]
+    for name, value in options.items():
+        argv += [f"--{name}", value]
+    if main([*argv, *overrides]) != 0:
+        raise UserError(f"the demo stopped: `mobilebert {command}` failed (its error is above); fix it and run the "
+                        "same command again to resume")
 
 
 def _config(name: str) -> str | None:
@@ -133,9 +139,7 @@ def _data_overrides(plan: DemoPlan, cache: Path) -> list[str]:
 
 
 def teacher_work(plan: DemoPlan, out: Path, folder: Path) -> dict:
-    from mobilebert.recipes.pretrain import main
-
-    _run(main, folder, _config("teacher.yaml"), [
+    _run("pretrain", folder, _config("teacher.yaml"), [
         "--model.preset", plan.teacher_preset, "--train.steps", str(plan.teacher_steps),
         "--train.warmup_steps", str(min(50, plan.teacher_steps // 10)),
         "--data.vocab_size", str(plan.vocab_size), "--train.eval_every", str(max(plan.teacher_steps // 4, 1)),
@@ -146,9 +150,7 @@ def teacher_work(plan: DemoPlan, out: Path, folder: Path) -> dict:
 def student_work(plan: DemoPlan, teacher: str, cache: Path, folder: Path, strategy: str = "pkt",
                  extra: tuple[str, ...] = ()) -> dict:
     """Knowledge transfer from `teacher` (layer-wise with `strategy`), then pre-training distillation."""
-    from mobilebert.recipes.distill import main
-
-    _run(main, folder, _config(f"distill-{strategy}.yaml"), [
+    _run("distill", folder, _config(f"distill-{strategy}.yaml"), [
         "--distill.layerwise_steps", str(plan.layerwise_steps), "--distill.pd_steps", str(plan.pd_steps),
         "--distill.pd_warmup_steps", str(max(plan.pd_steps // 10, 1)), "--train.eval_every",
         str(plan.layerwise_steps + plan.pd_steps), *_data_overrides(plan, cache), *extra],
@@ -159,10 +161,8 @@ def student_work(plan: DemoPlan, teacher: str, cache: Path, folder: Path, strate
 def scratch_work(plan: DemoPlan, teacher: str, cache: Path, folder: Path, extra: tuple[str, ...] = ()) -> dict:
     """The baseline: the student's shape trained with plain MLM + NSP for as many steps as the distillation (with
     the teacher's tokenizer)."""
-    from mobilebert.recipes.pretrain import main
-
     steps = plan.layerwise_steps + plan.pd_steps
-    _run(main, folder, _config("teacher.yaml"), [
+    _run("pretrain", folder, _config("teacher.yaml"), [
         "--model.preset", plan.student_preset, "--train.steps", str(steps), "--train.warmup_steps",
         str(min(50, steps // 10)), "--data.tokenizer", teacher, "--train.eval_every", str(steps),
         *_data_overrides(plan, cache), *extra])
@@ -172,8 +172,6 @@ def scratch_work(plan: DemoPlan, teacher: str, cache: Path, folder: Path, extra:
 def finetune_work(plan: DemoPlan, checkpoint: str, tasks: Path, task: str, folder: Path,
                   extra: tuple[str, ...] = ()) -> dict:
     """Fine-tune one pre-trained model on one built-in task (its files written beforehand under `tasks`)."""
-    from mobilebert.recipes.finetune import main
-
     # Sequences no longer than in pre-training, whose later positions were never trained (and half the cost of
     # GLUE's 128). QA (its family's epochs): the question is short, the rest of the window is context. The others:
     # the plan's epochs.
@@ -183,7 +181,7 @@ def finetune_work(plan: DemoPlan, checkpoint: str, tasks: Path, task: str, folde
                  str(plan.max_seq_length // 2), *extra)
     else:
         extra = (*length, "--search.epochs", f"[{plan.epochs}]", *extra)
-    _run(main, folder, None, ["--task.data_dir", str(tasks / task), "--train.tensorboard", "false", *extra],
+    _run("finetune", folder, None, ["--task.data_dir", str(tasks / task), "--train.tensorboard", "false", *extra],
          checkpoint=checkpoint, task=task)
     summary = json.loads((folder / "results.json").read_text())
     return {"metrics": summary["best"]["metrics"], "baseline": summary["baseline"],
