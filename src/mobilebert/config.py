@@ -187,7 +187,8 @@ def mobilebert_demo() -> MobileBertConfig:
     fine-tuned to builtin-qa EM 5.3, 16-wide (intra 64) 12.3 and 32-wide 17.0 after the same distillation; two
     32-wide heads (intra 64, a 2-head teacher) 7.3 (docs/distillation.md, "Sizing the demo student")."""
     return MobileBertConfig(vocab_size=8192, embedding_size=64, hidden_size=128, intra_bottleneck_size=128,
-                            num_hidden_layers=6, intermediate_size=128, max_position_embeddings=128)
+                            num_hidden_layers=6, intermediate_size=128, max_position_embeddings=128,
+                            attention_probs_dropout_prob=0.0)
 
 
 def ib_bert_demo() -> MobileBertConfig:

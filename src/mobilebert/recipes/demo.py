@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -81,21 +81,33 @@ def run_stage(out: Path, name: str, work: Callable[[Path], dict[str, Any] | None
 
 
 def run_stages(out: Path, stages: list[tuple[str, Callable[[Path], dict[str, Any] | None]]],
-               workers: int) -> dict[str, dict[str, Any]]:
-    """Run independent stages, `workers` at a time, each in its own process with its share of the CPU threads.
+               workers: int, after: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Run stages `workers` at a time, each in its own process with its share of the CPU threads.
 
     Small models use two cores poorly (many small operations): two one-thread processes do about 1.7× the work of
-    one two-thread process (measured on 2 cores). `work` must be picklable (a functools.partial of a module-level
+    one two-thread process (measured on 2 cores). `after` maps a stage to one that must finish first; whenever a
+    worker is free it takes the first stage in list order that is ready, so no worker idles while another runs a
+    long stage (list the longest first). `work` must be picklable (a functools.partial of a module-level
     function). Unfinished stages run first; then every stage's record is read back in order."""
+    after = after or {}
     pending = [(name, work) for name, work in stages if not (out / name / "stage.json").is_file()]
     if workers > 1 and len(pending) > 1:
         threads = max(1, torch_threads() // workers)
         print(f"[{', '.join(n for n, _ in pending)}] running, {workers} at a time ({threads} thread(s) each)")
         context = multiprocessing.get_context("spawn")  # fork after OpenMP has started can hang the children
         with ProcessPoolExecutor(min(workers, len(pending)), mp_context=context) as pool:
-            futures = [pool.submit(_stage_process, out, name, work, threads) for name, work in pending]
-            for future in futures:
-                future.result()  # re-raises a stage's failure here
+            running: dict[Future, str] = {}
+            while pending or running:
+                for item in [i for i in pending if (out / after.get(i[0], i[0]) / "stage.json").is_file()
+                             or i[0] not in after][:max(0, workers - len(running))]:
+                    pending.remove(item)
+                    running[pool.submit(_stage_process, out, item[0], item[1], threads)] = item[0]
+                if not running:
+                    raise RuntimeError(f"stages wait for stages that never run: {', '.join(n for n, _ in pending)}")
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    del running[future]
+                    future.result()  # re-raises a stage's failure here
     return {name: run_stage(out, name, work) for name, work in stages}
 
 
@@ -190,12 +202,13 @@ def finetune_work(plan: DemoPlan, checkpoint: str, tasks: Path, task: str, folde
 
 def finetune_stages(plan: DemoPlan, out: Path, tasks: Path, models: Sequence[str]
                     ) -> list[tuple[str, Callable[[Path], dict]]]:
-    """One stage per (model, task), QA first: the longest runs start early, so two workers end together."""
+    """One stage per (model, task), every model's QA first: the longest runs start early, so two workers end
+    together."""
     order = sorted(BUILTIN_TASKS, key=lambda t: BUILTIN_TASKS[t].format != "squad")
     stages = []
-    for model in models:
-        pretrained = str(out / model.removesuffix("-kd") / "final")
-        for task in order:
+    for task in order:
+        for model in models:
+            pretrained = str(out / model.removesuffix("-kd") / "final")
             kd = ("--teacher", str(out / "finetune-teacher" / task / "final")) if model.endswith("-kd") else ()
             stages.append((f"finetune-{model}/{task}", partial(finetune_work, plan, pretrained, tasks, task, extra=kd)))
     return stages
@@ -228,8 +241,9 @@ def main(args: argparse.Namespace) -> int:
     records.update(run_stages(out, [("student", partial(student_work, plan, teacher, cache)),
                                     ("scratch", partial(scratch_work, plan, teacher, cache))], workers))
     tasks = write_builtin_tasks(out / "tasks", BuiltinSizes(plan.task_train, plan.task_dev))
-    tuned = run_stages(out, finetune_stages(plan, out, tasks, ["teacher"]), workers)  # task distillation's teachers
-    tuned |= run_stages(out, finetune_stages(plan, out, tasks, FINETUNED[1:]), workers)
+    # Task distillation's stages wait for their fine-tuned teacher; the rest fill the workers meanwhile.
+    after = {f"finetune-student-kd/{task}": f"finetune-teacher/{task}" for task in BUILTIN_TASKS}
+    tuned = run_stages(out, finetune_stages(plan, out, tasks, FINETUNED), workers, after)
     for model in FINETUNED:
         records[f"finetune-{model}"] = run_stage(out, f"finetune-{model}", collect_finetuning(tuned, model))
     records["deploy"] = run_stage(out, "deploy", deploy_stage(plan, out))
