@@ -78,3 +78,26 @@ def test_task_distillation_experiment_compares_plain_and_kd_fine_tuning_of_the_d
     assert "task KD (β 0.5)" in (tmp_path / "kd" / "results.md").read_text()
     assert (tmp_path / "kd" / "task_kd.png").stat().st_size > 0
     assert task_kd.main(["--demo", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def _timed_stage(seconds: float, folder: Path) -> dict:
+    import time
+
+    began = time.time()
+    time.sleep(seconds)
+    return {"began": began, "ended": time.time()}
+
+
+def test_stages_wait_for_the_stage_they_follow_and_a_wait_for_a_stage_that_never_runs_is_an_error(tmp_path):
+    from functools import partial
+
+    from mobilebert.recipes.demo import run_stages
+
+    stages = [("long", partial(_timed_stage, 1.0)), ("follows-long", partial(_timed_stage, 0.0)),
+              ("short", partial(_timed_stage, 0.0))]
+    records = run_stages(tmp_path, stages, workers=2, after={"follows-long": "long"})
+    assert records["follows-long"]["began"] >= records["long"]["ended"]
+    assert set(records) == {"long", "follows-long", "short"}
+    with pytest.raises(RuntimeError, match="never run: orphan"):
+        run_stages(tmp_path / "again", [("orphan", partial(_timed_stage, 0.0)), ("other", partial(_timed_stage, 0.0))],
+                   workers=2, after={"orphan": "missing"})
