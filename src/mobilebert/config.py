@@ -185,7 +185,9 @@ def mobilebert_demo() -> MobileBertConfig:
 
     Its attention heads are 32 wide, as the paper's (128 / 4): with the teacher's 4 heads, 8-wide heads (intra 32)
     fine-tuned to builtin-qa EM 5.3, 16-wide (intra 64) 12.3 and 32-wide 17.0 after the same distillation; two
-    32-wide heads (intra 64, a 2-head teacher) 7.3 (docs/distillation.md, "Sizing the demo student")."""
+    32-wide heads (intra 64, a 2-head teacher) 7.3 (docs/distillation.md, "Sizing the demo student"). No attention
+    dropout, as its teacher: the runs are far too short to overfit, and fine-tuned with 0.1 the distilled student
+    scored builtin-qa EM 17.0 against 24.3 without (same fine-tuning)."""
     return MobileBertConfig(vocab_size=8192, embedding_size=64, hidden_size=128, intra_bottleneck_size=128,
                             num_hidden_layers=6, intermediate_size=128, max_position_embeddings=128,
                             attention_probs_dropout_prob=0.0)
