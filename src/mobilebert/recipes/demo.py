@@ -39,6 +39,7 @@ class DemoPlan:
     task_train: int = 2000
     task_dev: int = 400
     epochs: float = 2.0
+    qa_epochs: float | None = None  # builtin-qa: its family's default (batch 16 x 8 epochs)
     bench_preset: str = "mobilebert"
     bench_repetitions: int = 10
     # A few backends show what deployment buys; every backend's table is `mobilebert bench` (minutes, not seconds).
@@ -52,7 +53,7 @@ class DemoPlan:
 
 
 QUICK = DemoPlan(teacher_steps=30, layerwise_steps=24, pd_steps=12, max_seq_length=32, task_train=96, task_dev=48,
-                 epochs=1.0, bench_preset="mobilebert-test", bench_repetitions=2,
+                 epochs=1.0, qa_epochs=1.0, bench_preset="mobilebert-test", bench_repetitions=2,
                  bench_backends=("eager", "optimized", "onnx-int8"),
                  teacher_preset="ib-bert-demo", vocab_size=1000, max_documents=300, log_every=1)
 
@@ -185,12 +186,13 @@ def finetune_work(plan: DemoPlan, checkpoint: str, tasks: Path, task: str, folde
                   extra: tuple[str, ...] = ()) -> dict:
     """Fine-tune one pre-trained model on one built-in task (its files written beforehand under `tasks`)."""
     # Sequences no longer than in pre-training, whose later positions were never trained (and half the cost of
-    # GLUE's 128). QA (its family's epochs): the question is short, the rest of the window is context. The others:
-    # the plan's epochs.
+    # GLUE's 128). QA: the question is short, the rest of the window is context; its family's batch and epochs
+    # unless the plan sets the epochs. The others: the plan's epochs.
     length = ("--task.max_seq_length", str(plan.max_seq_length))
     if BUILTIN_TASKS[task].format == "squad":
+        epochs = ("--search.epochs", f"[{plan.qa_epochs}]") if plan.qa_epochs else ()
         extra = (*length, "--task.doc_stride", str(plan.max_seq_length // 2), "--task.max_query_length",
-                 str(plan.max_seq_length // 2), *extra)
+                 str(plan.max_seq_length // 2), *epochs, *extra)
     else:
         extra = (*length, "--search.epochs", f"[{plan.epochs}]", *extra)
     _run("finetune", folder, None, ["--task.data_dir", str(tasks / task), "--train.tensorboard", "false", *extra],
