@@ -217,9 +217,12 @@ class Engine:
             if done % self.options.checkpoint_every == 0 or done == self.options.steps:
                 self.checkpoint(done)
             if bar is not None:
-                bar.update(1)
                 postfix = {"loss": f"{self.last['loss']:.4f}", "tok_s": f"{self.last['tokens_per_s']:.0f}"}
                 bar.set_postfix(postfix, refresh=False)  # redraw at the bar's own pace
+                if done < self.options.steps:
+                    bar.update(1)
+                else:  # the last step: `close` draws the finished bar, once (an update would draw it too)
+                    bar.n = done
         if bar is not None:
             bar.close()
         self.run_evaluation(self.options.steps)
