@@ -115,7 +115,7 @@ def tiny_cfg():
     return mb.MobileBertConfig(**TINY)
 
 
-# ---- the export command (tests/test_export.py, tests/test_aoti.py) ----
+# ---- the export command (tests/deploy/test_onnx_export.py, tests/deploy/test_aoti.py) ----
 
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "what does the fox say to the dog",
              "a second sentence about dogs and foxes", "the answer is in the context"]

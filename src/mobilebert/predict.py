@@ -26,7 +26,7 @@ from mobilebert.checkpoint import read_config, resolve
 from mobilebert.data.glue import TextExample
 from mobilebert.data.squad import SquadExample, make_features
 from mobilebert.data.tasks import Task, get_task
-from mobilebert.deploy.backends import FORMATS, load_exported
+from mobilebert.deploy.backends import BACKENDS, FORMATS, load_exported
 from mobilebert.errors import UserError
 from mobilebert.finetuning import (
     FINETUNING_FILE,
@@ -155,11 +155,11 @@ def _task_model(folder: Path, task: Task, threads: int | None) -> Any:
 
         return model_class(folder, None)(read_config(folder))
 
-    if threads and fmt in ("torch-int8", "aoti", "aoti-bf16"):  # run on PyTorch's own threads
+    if threads and BACKENDS[fmt].runtime in ("torch", "aoti"):  # run on PyTorch's own threads
         torch.set_num_threads(threads)
     model = load_exported(fmt, path, threads, float_model=float_model)
     if isinstance(model, torch.nn.Module):
         return model
-    from mobilebert.deploy.interface import ExportedTaskModel  # imports onnx: only for exported models
+    from mobilebert.deploy.interface import ExportedTaskModel
 
     return ExportedTaskModel(model)

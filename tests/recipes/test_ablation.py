@@ -1,4 +1,5 @@
-"""experiments/ablation.py's own code (the runs it drives are the demo's stages, tested in tests/test_demo.py)."""
+"""experiments/ablation.py's own code (the runs it drives are the demo's stages, tested in
+tests/recipes/test_demo.py)."""
 
 from __future__ import annotations
 

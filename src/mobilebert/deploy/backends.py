@@ -171,7 +171,7 @@ class Spec:
     export: formats.Exporter | None = None  # exported: (model, folder, file, options) -> {precision: path}
     load: formats.Loader | None = None  # exported: (path, threads, float_model) -> the runtime's model
     runtime: str = "torch"  # what runs it: "torch", "onnxruntime", "aoti", "executorch", "litert"
-    per_shape: bool = False  # exported for one input shape (batch, length): bench builds one per shape timed
+    per_shape: bool = False  # a fixed batch (ExecuTorch) or fixed lengths (LiteRT): bench builds one per shape timed
     requires: str | None = None  # a module that must be installed (checked without importing it)
     calibrated: bool = False  # quantized on real text: exported only, never timed on random weights
     default: bool = False  # in `mobilebert bench`'s default set
@@ -263,9 +263,13 @@ def _check_runnable(spec: Spec) -> None:
 def _install_hint(module: str) -> str:
     if module == "executorch":
         from mobilebert.deploy.mobile import INSTALL_HINT
-    else:
+
+        return INSTALL_HINT
+    if module == "litert_torch":
         from mobilebert.deploy.litert import INSTALL_HINT
-    return INSTALL_HINT
+
+        return INSTALL_HINT
+    return f"{module} is not installed: pip install {module.replace('_', '-')}"
 
 
 def _exported(name: str, spec: Spec, model, weights, workdir, threads) -> Backend:
@@ -273,7 +277,8 @@ def _exported(name: str, spec: Spec, model, weights, workdir, threads) -> Backen
     _check_runnable(spec)
     path = workdir / spec.file
     if not path.is_file():
-        options = formats.ExportOptions(length=min(128, model.config.max_position_embeddings), threads=threads)
+        options = formats.ExportOptions(length=min(128, model.config.max_position_embeddings), threads=threads,
+                                        reuse=True)  # onnx-int8 quantizes the onnx backend's graph
         spec.export(model, workdir, spec.file, options)
     runtime = spec.load(path, threads, lambda: type(model)(model.config))
     return Backend(name, lambda b: _hidden(runtime(**b)), file_bytes(path))
@@ -288,8 +293,8 @@ def _exported_per_shape(name: str, spec: Spec, model, weights, workdir, threads)
     def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         shape = tuple(batch["input_ids"].shape)
         if shape not in loaded:
-            stem, suffix = spec.file.rsplit(".", 1)
-            file = f"{name}-{'x'.join(map(str, shape))}.{suffix}"  # `peak_memory`'s processes load it
+            # `peak_memory`'s processes load it
+            file = f"{name}-{'x'.join(map(str, shape))}.{spec.file.rsplit('.', 1)[1]}"
             if not (workdir / file).is_file():
                 spec.export(model, workdir, file, formats.ExportOptions(length=shape[1], batch=shape[0]))
             loaded[shape] = spec.load(workdir / file, threads, None)

@@ -173,8 +173,7 @@ def conditions(threads: int, batch: int, seq: int, peak: float) -> dict[str, Any
     for module in ("onnxruntime", "transformers"):
         with contextlib.suppress(ImportError):
             versions[module] = __import__(module).__version__
-    from mobilebert.deploy.interface import mobile_runtime_versions  # not at the top: it loads onnx, and bench and
-    # peak_memory's baseline processes import this module without needing it
+    from mobilebert.deploy.interface import mobile_runtime_versions
 
     versions |= mobile_runtime_versions()
     cpu = platform.processor() or platform.machine()

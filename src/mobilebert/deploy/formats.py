@@ -1,11 +1,12 @@
 """How each exported format is written and read back: the adapters the backend table (`deploy/backends.py`) names.
 
-An exporter is `(model, folder, file, options) -> {precision: path}`: it writes `folder/file` (and, for the ONNX
-int8 formats, the fp32 graph they are quantized from) and returns every model it wrote by precision ("fp32",
-"bf16", "int8"). A loader is `(path, threads, float_model) -> model`: the runtime's model of the file, called as
-(input_ids, attention_mask, token_type_ids) and returning the outputs by name (for torch-int8, a state dict, the
-quantized PyTorch module: `float_model()` builds the float model it was quantized from). The runtimes are imported
-inside the adapters: each is an optional, sizeable dependency, loaded only for the format asked for.
+An exporter is `(model, folder, file, options) -> {precision: path}`: it writes `folder/file` (the ONNX formats
+also write, or are, `folder/model.onnx`: the fp32 graph the int8 ones are quantized from) and returns every model
+it wrote by precision ("fp32", "bf16", "int8"). A loader is `(path, threads, float_model) -> model`: the
+runtime's model of the file, called as (input_ids, attention_mask, token_type_ids) and returning the outputs by
+name (for torch-int8, a state dict, the quantized PyTorch module: `float_model()` builds the float model it was
+quantized from). The runtimes are imported inside the adapters: each is an optional, sizeable dependency, loaded
+only for the format asked for.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ExportOptions:
     optimize: bool = True  # ONNX: the optimized graph (False: the eager model's)
     calibration: list[dict[str, torch.Tensor]] = field(default_factory=list)  # static int8: batches of real text
     calibration_method: str = "minmax"
+    reuse: bool = False  # ONNX int8: quantize the folder's model.onnx if it is there (bench); export writes anew
 
 
 Exporter = Callable[[nn.Module, Path, str, ExportOptions], dict[str, Path]]
@@ -43,7 +45,11 @@ Loader = Callable[[Path, "int | None", "Callable[[], nn.Module] | None"], Any]
 # ---- exporters ----
 
 def _onnx_fp32(model: nn.Module, folder: Path, options: ExportOptions) -> Path:
+    """folder/model.onnx, the fp32 graph every ONNX format writes (the int8 ones quantize it)."""
     from mobilebert.deploy.export import export_onnx
+
+    if options.reuse and (folder / "model.onnx").is_file():
+        return folder / "model.onnx"
 
     opset = {} if options.opset is None else {"opset": options.opset}
     return export_onnx(model, folder / "model.onnx", max_seq_length=options.length, optimize=options.optimize,
@@ -152,10 +158,8 @@ def load_tflite(path: Path, threads: int | None, float_model: Callable[[], nn.Mo
 
 
 def load_torch_int8(path: Path, threads: int | None, float_model: Callable[[], nn.Module] | None) -> nn.Module:
-    from mobilebert.deploy.quantize import quantize_torch_dynamic
+    from mobilebert.deploy import quantize
 
     if float_model is None:
         raise ValueError("a torch-int8 state dict loads into the quantized float model: pass float_model")
-    quantized = quantize_torch_dynamic(float_model())
-    quantized.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return quantized.eval()
+    return quantize.load_torch_int8(float_model(), path).eval()

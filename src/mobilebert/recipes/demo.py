@@ -92,19 +92,32 @@ def run_stages(out: Path, stages: list[tuple[str, Callable[[Path], dict[str, Any
     function). Unfinished stages run first; then every stage's record is read back in order."""
     after = after or {}
     pending = [(name, work) for name, work in stages if not (out / name / "stage.json").is_file()]
-    if workers > 1 and len(pending) > 1:
+
+    def ready(name: str) -> bool:
+        return name not in after or (out / after[name] / "stage.json").is_file()
+
+    def waiting_forever() -> RuntimeError:
+        return RuntimeError(f"stages wait for stages that never run: {', '.join(n for n, _ in pending)}")
+
+    if workers == 1 or len(pending) < 2:
+        while pending:
+            name, work = next((item for item in pending if ready(item[0])), (None, None))
+            if name is None:
+                raise waiting_forever()
+            pending.remove((name, work))
+            run_stage(out, name, work)
+    else:
         threads = max(1, torch_threads() // workers)
         print(f"[{', '.join(n for n, _ in pending)}] running, {workers} at a time ({threads} thread(s) each)")
         context = multiprocessing.get_context("spawn")  # fork after OpenMP has started can hang the children
         with ProcessPoolExecutor(min(workers, len(pending)), mp_context=context) as pool:
             running: dict[Future, str] = {}
             while pending or running:
-                for item in [i for i in pending if (out / after.get(i[0], i[0]) / "stage.json").is_file()
-                             or i[0] not in after][:max(0, workers - len(running))]:
+                for item in [i for i in pending if ready(i[0])][:max(0, workers - len(running))]:
                     pending.remove(item)
                     running[pool.submit(_stage_process, out, item[0], item[1], threads)] = item[0]
                 if not running:
-                    raise RuntimeError(f"stages wait for stages that never run: {', '.join(n for n, _ in pending)}")
+                    raise waiting_forever()
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     del running[future]
@@ -134,9 +147,12 @@ def _run(command: str, out: Path, config: str | None, overrides: list[str], **op
     argv = [command, "--out", str(out), "--resume", *(["--config", config] if config else [])]
     for name, value in options.items():
         argv += [f"--{name}", value]
-    if main([*argv, *overrides]) != 0:
-        raise UserError(f"the demo stopped: `mobilebert {command}` failed (its error is above); fix it and run the "
-                        "same command again to resume")
+    code = main([*argv, *overrides])
+    if code == 130:  # interrupted: the demo is too
+        raise KeyboardInterrupt
+    if code != 0:
+        raise UserError(f"the demo stopped: `mobilebert {command}` for {out} failed (its error is printed above); "
+                        "fix it and run the same command again to resume")
 
 
 def _config(name: str) -> str | None:

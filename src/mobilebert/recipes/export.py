@@ -155,7 +155,7 @@ def export(model: nn.Module, args: argparse.Namespace, out: Path, tokenizer: Tok
     paths = spec.export(model, out, spec.file, options)
     runners = {precision: open_exported(args.format, path, args.threads, lambda: type(model)(model.config))
                for precision, path in paths.items()}
-    fp32_bytes = file_size(paths["fp32"]) if "fp32" in paths else state_dict_size(model)
+    fp32_bytes = file_size(paths["fp32"]) if spec.runtime == "onnxruntime" else state_dict_size(model)
     return {p.name: file_size(p) for p in paths.values()}, fp32_bytes, runners
 
 
@@ -261,7 +261,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--calibration must be a positive number of examples, got {args.calibration}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be positive, got {args.threads}")
-    if BACKENDS[args.format].runtime != "onnxruntime" and not args.optimize:
+    if BACKENDS[args.format].runtime in ("aoti", "executorch", "litert") and not args.optimize:
         raise UserError("--no-optimize applies to the ONNX formats; AOTInductor packages, ExecuTorch programs and "
                         "LiteRT models are always made from the optimized model")
     if BACKENDS[args.format].precision == "bf16" and not cpu_bf16():
@@ -290,7 +290,7 @@ def summary(report: dict[str, Any]) -> str:
         agreement = result["argmax_agreement"]
         rows.append([name, f"{error:.2e}", f"{min(agreement.values()):.3f}" if agreement else "-"])
     sizes = ", ".join(f"{file} {size / 1e6:.2f} MB" for file, size in report["files"].items())
-    if BACKENDS[report["format"]].precision != "fp32":
+    if report["format"] != "onnx":
         sizes += f"; fp32 ({report['fp32_bytes'] / 1e6:.2f} MB) is {report['size_ratio']}x that"
     c, v = report["conditions"], report["versions"]
     calibrated = ""
