@@ -89,10 +89,20 @@ def _eager(model, weights, workdir, threads) -> Backend:
     return Backend("eager", lambda b: _hidden(model(**b)), file_bytes(weights / "model.safetensors"))
 
 
-def _optimized(model, weights, workdir, threads, token_parallel: bool = False) -> Backend:
+def _optimized_model(model: nn.Module, token_parallel: bool = False) -> nn.Module:
     from mobilebert.deploy.optimize import optimize_for_inference
 
-    fast = optimize_for_inference(model, token_parallel=token_parallel)
+    return optimize_for_inference(model, token_parallel=token_parallel)
+
+
+def _bf16_model(model: nn.Module) -> nn.Module:
+    from mobilebert.deploy.optimize import optimize_for_inference
+
+    return optimize_for_inference(model, dtype=torch.bfloat16)
+
+
+def _optimized(model, weights, workdir, threads, token_parallel: bool = False) -> Backend:
+    fast = _optimized_model(model, token_parallel)
     return Backend("parallel" if token_parallel else "optimized", lambda b: _hidden(fast(**b)),
                    file_bytes(weights / "model.safetensors"))
 
@@ -116,12 +126,11 @@ def _compiled(model, weights, workdir, threads, dtype: torch.dtype | None = None
 
 
 def _bf16(model, weights, workdir, threads) -> Backend:
-    from mobilebert.deploy.optimize import optimize_for_inference
     from mobilebert.deploy.quantize import state_dict_size
 
     _require_native_bf16()
     # Weights converted (and packed for oneDNN) once: autocast casts every weight on every call (no faster than fp32).
-    fast = optimize_for_inference(model, dtype=torch.bfloat16)
+    fast = _bf16_model(model)
     return Backend("bf16", lambda b: _hidden(fast(**b)), state_dict_size(fast))
 
 
@@ -176,18 +185,6 @@ class Spec:
     calibrated: bool = False  # quantized on real text: exported only, never timed on random weights
     default: bool = False  # in `mobilebert bench`'s default set
     reference: bool = False  # another implementation, timed as the yardstick
-
-
-def _optimized_model(model: nn.Module, token_parallel: bool = False) -> nn.Module:
-    from mobilebert.deploy.optimize import optimize_for_inference
-
-    return optimize_for_inference(model, token_parallel=token_parallel)
-
-
-def _bf16_model(model: nn.Module) -> nn.Module:
-    from mobilebert.deploy.optimize import optimize_for_inference
-
-    return optimize_for_inference(model, dtype=torch.bfloat16)
 
 
 def _compiled_bf16_model(model: nn.Module) -> nn.Module:
