@@ -6,11 +6,16 @@ gradient clipping; steps are interleaved (engine, bare, engine, bare, ...) so ma
 
     python benchmarks/train_throughput.py --presets mobilebert-demo ib-bert-demo --threads 2
     python benchmarks/train_throughput.py --presets mobilebert ib-bert-large --batch 8 --steps 4
+    python benchmarks/train_throughput.py --device cuda --presets mobilebert ib-bert-large --batch 64 \
+        --precision fp32 bf16
+
+On CUDA every timed step ends with `torch.cuda.synchronize()`, so a step's time is its GPU work, not its launch.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -38,10 +43,12 @@ def random_batch(cfg: mb.MobileBertConfig, batch: int, seq: int, generator: torc
             "labels": labels, "next_sentence_label": torch.randint(0, 2, (batch,), generator=generator)}
 
 
-def bare_step(model, optimizer, scheduler, batch) -> float:
+def bare_step(model, optimizer, scheduler, batch, precision: str) -> float:
     """What a hand-written loop does: forward, loss, backward, clip, step."""
-    out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"],
-                masked_only=True)
+    device = batch["input_ids"].device.type
+    with torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
+        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"],
+                    masked_only=True)
     masked = batch["labels"][batch["labels"] != -100]
     loss = F.cross_entropy(out.prediction_logits, masked) + F.cross_entropy(out.seq_relationship_logits,
                                                                            batch["next_sentence_label"])
@@ -53,35 +60,44 @@ def bare_step(model, optimizer, scheduler, batch) -> float:
     return loss.item()
 
 
-def measure(name: str, batch_size: int, seq: int, steps: int, warmup: int) -> dict:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, batch_size: int, seq: int, steps: int, warmup: int, device: torch.device,
+            precision: str) -> dict:
     cfg = mb.preset(name)
     torch.manual_seed(0)
     model = mb.MobileBertForPreTraining(cfg)
-    bare = copy.deepcopy(model)
-    options = TrainOptions(steps=steps + warmup, batch_size=batch_size, lr=1e-3, tensorboard=False)
+    bare = copy.deepcopy(model).to(device)
+    options = TrainOptions(steps=steps + warmup, batch_size=batch_size, lr=1e-3, tensorboard=False,
+                           precision=precision)
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(tmp)
         run.prepare(resume=False, overwrite=False)
-        engine = Engine(model, options, run, Distributed())
+        engine = Engine(model, options, run, Distributed(device=device))
         optimizer = build_optimizer("lamb", parameter_groups(bare, 0.01), lr=1e-3, eps=1e-6)
         scheduler = build_scheduler(optimizer, steps + warmup)
         generator = torch.Generator().manual_seed(1)
         times: dict[str, list[float]] = {"engine": [], "bare": []}
         for i in range(steps + warmup):
-            batch = random_batch(cfg, batch_size, seq, generator)
+            batch = {k: v.to(device) for k, v in random_batch(cfg, batch_size, seq, generator).items()}
             for side in ("engine", "bare") if i % 2 == 0 else ("bare", "engine"):
+                synchronize(device)
                 start = time.perf_counter()
                 if side == "engine":
                     engine.step(micro_batches(batch, None), pretraining_counts, pretraining_sums)
                     run.log({"step": i + 1, **engine.last})
                 else:
                     bare.train()
-                    bare_step(bare, optimizer, scheduler, batch)
+                    bare_step(bare, optimizer, scheduler, batch, precision)
+                synchronize(device)
                 if i >= warmup:
                     times[side].append(time.perf_counter() - start)
     tokens = batch_size * seq
     med = {side: statistics.median(t) for side, t in times.items()}
-    return {"preset": name, "batch": batch_size, "seq": seq, "steps": steps,
+    return {"preset": name, "precision": precision, "batch": batch_size, "seq": seq, "steps": steps,
             "engine_tokens_per_s": tokens / med["engine"], "bare_tokens_per_s": tokens / med["bare"],
             "engine_p90_s": sorted(times["engine"])[int(0.9 * (len(times["engine"]) - 1))],
             "overhead": med["engine"] / med["bare"] - 1}
@@ -95,17 +111,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                        help="bf16: autocast on both sides, as `--train.precision bf16`")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = [measure(p, args.batch, args.seq, args.steps, args.warmup) for p in args.presets]
-    cpu = platform.processor() or platform.machine()
-    print(f"training throughput, fp32, {args.threads} threads, batch {args.batch} × seq {args.seq}, LAMB, "
-          f"median of {args.steps} interleaved steps; torch {torch.__version__}, {cpu}")
-    print(format_table(["preset", "engine tok/s", "bare tok/s", "engine overhead"],
-                       [[r["preset"], f"{r['engine_tokens_per_s']:.0f}", f"{r['bare_tokens_per_s']:.0f}",
-                         f"{100 * r['overhead']:+.1f}%"] for r in results]))
-    print(json.dumps({"benchmark": "train_throughput", "threads": args.threads, "torch": torch.__version__,
-                      "results": results}))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    device = torch.device(args.device)
+    results = [measure(p, args.batch, args.seq, args.steps, args.warmup, device, precision)
+               for p in args.presets for precision in args.precision]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{args.threads} threads, {platform.processor() or platform.machine()}"
+    print(f"training throughput, batch {args.batch} × seq {args.seq}, LAMB, median of {args.steps} interleaved "
+          f"steps; torch {torch.__version__}, {where}")
+    print(format_table(["preset", "precision", "engine tok/s", "bare tok/s", "engine overhead"],
+                       [[r["preset"], r["precision"], f"{r['engine_tokens_per_s']:.0f}",
+                         f"{r['bare_tokens_per_s']:.0f}", f"{100 * r['overhead']:+.1f}%"] for r in results]))
+    print(json.dumps({"benchmark": "train_throughput", "device": where, "threads": args.threads,
+                      "torch": torch.__version__, "results": results}))
 
 
 if __name__ == "__main__":

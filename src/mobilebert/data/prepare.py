@@ -280,7 +280,10 @@ def _bar(total_mb: float | None, show: bool):
 
     from tqdm.auto import tqdm
 
-    return tqdm(total=total_mb, desc="prepare", unit="MB", dynamic_ncols=True,
+    # tqdm prints a float count as it is (1.3635659999999998MB): one decimal instead.
+    shape = "{desc}: {n:.1f} MB [{elapsed}, {rate_fmt}{postfix}]" if total_mb is None else \
+        "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} MB [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+    return tqdm(total=total_mb, desc="prepare", unit="MB", dynamic_ncols=True, bar_format=shape,
                 mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
 

@@ -280,7 +280,9 @@ class Engine:
                 local[k] = local.get(k, 0) + int(v)
         local["tokens"] = sum(int(b["attention_mask"].sum()) for b in micro if "attention_mask" in b)
         keys = sorted(local)
-        total = self.dist.all_reduce(torch.tensor([local[k] for k in keys], dtype=torch.float64))
+        # On the process's device: nccl reduces CUDA tensors only.
+        total = self.dist.all_reduce(torch.tensor([local[k] for k in keys], dtype=torch.float64,
+                                                  device=self.dist.device))
         return {k: int(v) for k, v in zip(keys, total.tolist(), strict=True)}
 
     def _global_means(self, sums: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, float]:
