@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA paths, in one run on a GPU machine (docs/benchmarks.md "On a GPU"): training throughput of the
+# The CUDA paths, in one run on a GPU machine (docs/training.md "On a GPU"): training throughput of the
 # full-size student and teacher in fp32 and bf16, eager inference in fp32 and bf16 with bf16's error, a bf16
 # pre-training run of the demo teacher through the CLI, and the quick demo end to end (device auto -> cuda).
 #

@@ -19,7 +19,7 @@ from torch.utils import cmake_prefix_path
 import mobilebert as mb
 from mobilebert.deploy import aoti
 from mobilebert.deploy.aoti import AotiModel, export_aoti
-from mobilebert.deploy.fused_ops import cpu_bf16
+from mobilebert.deploy.onednn import cpu_bf16
 
 FP32_TOL = 1e-4
 

@@ -12,7 +12,7 @@ from conftest import HEADS, TINY, VARIANTS, assert_same_outputs, build, inputs_f
 
 import mobilebert as mb
 from mobilebert.deploy.compiled import AMX_GEMM, compile_for_inference, inductor_settings
-from mobilebert.deploy.fused_ops import cpu_bf16
+from mobilebert.deploy.onednn import cpu_bf16
 from mobilebert.deploy.optimize import optimize_for_inference
 
 

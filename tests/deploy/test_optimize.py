@@ -11,7 +11,7 @@ from conftest import HEADS, TINY, VARIANTS, assert_same_outputs, build, inputs_f
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mobilebert as mb
-from mobilebert.deploy.fused_ops import onednn_bf16
+from mobilebert.deploy.onednn import onednn_bf16
 from mobilebert.deploy.optimize import optimize_for_inference
 
 TOL = 1e-4  # the issue's bound, fp32
@@ -227,7 +227,7 @@ def test_bfloat16_model_matches_eager_for_every_variant(variant):
     CPU has native bf16). bf16 keeps 8 bits of mantissa: hidden states agree to about 1e-2 relative."""
     eager = build("QuestionAnswering", mb.MobileBertConfig(**{**TINY, **VARIANTS[variant]}))
     fast = optimize_for_inference(eager, dtype=torch.bfloat16)
-    assert all((block._packed is not None) == onednn_bf16() for block in fast.mobilebert.layers)
+    assert all((block.runtime == "packed") == onednn_bf16() for block in fast.mobilebert.layers)
     batch = padded_batch()
     with torch.no_grad():
         ref = eager(**batch, output_hidden_states=True)

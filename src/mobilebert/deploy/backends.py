@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mobilebert.deploy import formats
-from mobilebert.deploy.fused_ops import cpu_bf16
+from mobilebert.deploy.onednn import cpu_bf16
 from mobilebert.errors import UserError
 from mobilebert.model import MobileBertModel
 from mobilebert.stats import count_flops

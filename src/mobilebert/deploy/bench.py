@@ -28,7 +28,7 @@ import torch
 
 from mobilebert.config import MobileBertConfig
 from mobilebert.deploy.backends import BUILDERS, REFERENCES, Backend, build_backends, import_transformers, random_inputs
-from mobilebert.deploy.fused_ops import cpu_bf16
+from mobilebert.deploy.onednn import cpu_bf16
 from mobilebert.errors import UserError
 from mobilebert.model import MobileBertModel
 from mobilebert.tables import format_table

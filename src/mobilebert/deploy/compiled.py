@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mobilebert.deploy.fused_block import FusedBlock
-from mobilebert.deploy.fused_ops import cpu_bf16
+from mobilebert.deploy.onednn import cpu_bf16
 from mobilebert.deploy.optimize import optimize_for_inference
 
 FROZEN = {"freezing": True}

@@ -1,5 +1,7 @@
-"""`FusedEmbeddings` and `FusedBlock`: one MobileBERT block's folded weights and the forwards that run them —
-fused (eager CPU/GPU), oneDNN-packed bf16 (`pack`) and XNNPACK-portable (`make_portable`). See `optimize`.
+"""`FusedEmbeddings` and `FusedBlock`: one MobileBERT block's folded weights and its fused forward (eager, CPU or
+GPU). Other runtimes run the same weights through their own forward: oneDNN-packed bf16 (`pack`, in `onednn`),
+XNNPACK-portable (`make_portable`, in `xnnpack`); the `runtime` attribute says which runs. (The token-parallel
+C++ runtime, `native`, takes over whole fused backbones instead.) See `optimize`.
 """
 
 from __future__ import annotations
@@ -12,21 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobilebert.config import MobileBertConfig
-from mobilebert.deploy.fused_ops import (
-    Sublayer,
-    _act_inplace,
-    _addmm,
-    _fold,
-    _layer_norm,
-    _linear,
-    _matmul_residual,
-    _pack,
-    _params,
-    _sublayer,
-    bmm_attention,
-    packed_residual,
-    residual,
-)
+from mobilebert.deploy.fused_ops import Sublayer, _act_inplace, _addmm, _fold, _layer_norm, _params, _sublayer, residual
+from mobilebert.deploy.onednn import packed_forward, packed_weights
+from mobilebert.deploy.xnnpack import portable_forward, portable_weights
 from mobilebert.model import Block, Embeddings, NoNorm
 
 
@@ -146,11 +136,9 @@ class FusedBlock(nn.Module):
         self.act = _act_inplace(block.ffns[0].act)
         self._register_sublayer("output", _sublayer(block.output_bottleneck, block.output_norm))
         self._weights: BlockWeights | None = None
-        self._packed: BlockWeights | None = None  # see `pack`
-        self._linear_layout: BlockWeights | None = None  # (out, in) matrices for the portable forward
-        self._pack_wanted = False
+        self.runtime = "fused"  # or "packed" (`pack`), "portable" (`make_portable`): which forward runs
+        self._runtime_weights: BlockWeights | None = None  # that runtime's own copy of the weights, built once
         self.ffns_own_storage = False  # `weights()` gives each FFN copies, not views of the stacked buffers
-        self.portable = False  # `forward` in XNNPACK's ops (`mobilebert.deploy.optimize.portable`)
 
     def _attention_weights(self, block: Block) -> tuple[list, list[nn.Linear], Sublayer]:
         """(W, b) pieces of the first matmul, the Linears of the second, and the attention output's sub-layer;
@@ -207,37 +195,29 @@ class FusedBlock(nn.Module):
         return self._weights
 
     def _apply(self, fn, recurse=True):
-        self._weights = self._packed = self._linear_layout = None  # copies would not follow a .to()
-        self._pack_wanted = False
+        self._weights = self._runtime_weights = None  # copies would not follow a .to()
+        if self.runtime == "packed":  # oneDNN's layout is for the dtype it was packed in
+            self.runtime = "fused"
         return super()._apply(fn, recurse)
 
     def __getstate__(self):
         """Copies and pickles leave the caches out (oneDNN's packed tensors have no storage to copy); a copy of a
-        packed block packs its own weights on its first call."""
-        return {**self.__dict__, "_weights": None, "_packed": None, "_linear_layout": None}
+        packed or portable block builds its runtime's weights on its first call."""
+        return {**self.__dict__, "_weights": None, "_runtime_weights": None}
 
     def pack(self) -> None:
-        """Run every matmul of the block as a oneDNN call on weights reordered once into its own layout, with the
-        bias, the ReLU and the residual add fused in (for bf16 on CPUs with AVX512-BF16/AMX, where these calls are
-        1.4–1.7× faster than `addmm` at MobileBERT's shapes). Any later `.to()` drops the packing."""
-        self._pack_wanted = True
-        self._packed = self._weights_as(_pack)
+        """Run the block in the oneDNN runtime (`mobilebert.deploy.onednn`): prepacked weights, bias, ReLU and
+        residual adds fused into each matmul. Any later `.to()` drops the packing."""
+        self.runtime, self._runtime_weights = "packed", packed_weights(self)
 
     def make_portable(self) -> None:
-        """Run `forward` in XNNPACK's ops (`_portable_forward`) on weights in nn.Linear's (out, in) layout, each
-        FFN's on its own storage: ExecuTorch's quantizer and partitioner take `F.linear` on constant tensors. Called
-        before a capture: weights built during one would be captured as ops on the buffers."""
-        self.portable = self.ffns_own_storage = True
+        """Run the block in XNNPACK's ops (`mobilebert.deploy.xnnpack`), each FFN's weights on its own storage.
+        Called before a capture: weights built during one would be captured as ops on the buffers."""
+        self.ffns_own_storage = True
         self._weights = None
-        w = self._weights_as(lambda t: t.t().contiguous())
+        self.runtime, self._runtime_weights = "portable", portable_weights(self)
 
-        def blocks(t: torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:  # x, q, k, v, s: each I wide
-            return None if t is None else tuple(block.clone() for block in t.split(self.width))  # own storage
-
-        self._linear_layout = w._replace(in_t=blocks(w.in_t), in_bias=blocks(w.in_bias), qkv_t=blocks(w.qkv_t),
-                                         qkv_bias=blocks(w.qkv_bias))
-
-    def _weights_as(self, layout: Callable[[torch.Tensor], torch.Tensor]) -> BlockWeights:
+    def weights_as(self, layout: Callable[[torch.Tensor], torch.Tensor]) -> BlockWeights:
         """`weights()` with every (in, out) matrix passed through `layout`."""
         w = self.weights()
         ffns = tuple(ffn._replace(up_t=layout(ffn.up_t), down_t=layout(ffn.down_t)) for ffn in w.ffns)
@@ -302,7 +282,7 @@ class FusedBlock(nn.Module):
         for name, value in new.items():
             old = getattr(self, name)
             setattr(self, name, None if value is None else value.to(old.dtype).contiguous())
-        self._weights = self._packed = self._linear_layout = None
+        self._weights = self._runtime_weights = None
 
     def split_heads(self, t: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, ...]:
         """(N, n*I) -> n views (B, H, T, I/H): no copies."""
@@ -311,7 +291,7 @@ class FusedBlock(nn.Module):
     def attention_inputs(self, h: torch.Tensor, w: BlockWeights, B: int, T: int, linear: Callable = _addmm,
                          portable: bool = False) -> tuple[torch.Tensor, ...]:
         """The residual x (N, I), then q, k, v (B, H, T, I/H), from the block input h (N, D); `linear(x, W, b)`
-        runs the matmuls (`_linear` on packed weights). `portable`: w holds each block of columns as its own
+        runs the matmuls (`onednn.linear` on packed weights). `portable`: w holds each block of columns as its own
         (out, in) matrix, and x, q, k, v come from their own `F.linear` each, (N, I): XNNPACK takes no splits nor
         strided head views, and slices only at static shapes."""
         if portable:
@@ -343,12 +323,12 @@ class FusedBlock(nn.Module):
                 keep_input: bool = False) -> torch.Tensor:
         """The block output (N, D); the sums of the residual steps are built in the memory of their residual,
         which for the last one is h: `keep_input` keeps h intact (it is returned as a hidden state)."""
-        if self.portable:
-            return self._portable_forward(h, mask, B, T)
-        if self._pack_wanted and self._packed is None:
-            self.pack()
-        if self._packed is not None:
-            return self._packed_forward(h, mask, B, T, keep_input)
+        if self.runtime != "fused":
+            if self._runtime_weights is None:
+                self._runtime_weights = (packed_weights if self.runtime == "packed" else portable_weights)(self)
+            if self.runtime == "packed":
+                return packed_forward(self, self._runtime_weights, h, mask, B, T, keep_input)
+            return portable_forward(self, self._runtime_weights, h, mask, B, T)
         w = self.weights()
         x, q, k, v = self.attention_inputs(h, w, B, T)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
@@ -356,31 +336,3 @@ class FusedBlock(nn.Module):
         for up_t, up_bias, *down in w.ffns:
             a = residual(w.act(torch.addmm(up_bias, a, up_t)), a, *down, reuse=True)
         return residual(a, h, *w.output, reuse=not keep_input)  # (N, D)
-
-    def _packed_forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int,
-                        keep_input: bool) -> torch.Tensor:
-        """`forward` on the packed weights."""
-        w = self._packed
-        x, q, k, v = self.attention_inputs(h, w, B, T, _linear)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)
-        a = packed_residual(context.transpose(1, 2).reshape(B * T, self.width), x.contiguous(), *w.attention)
-        relu = w.act is torch.relu_
-        for up, up_bias, *down in w.ffns:
-            u = _linear(a, up, up_bias, "relu") if relu else w.act(_linear(a, up, up_bias))
-            a = packed_residual(u, a, *down)
-        return packed_residual(a, h, *w.output, reuse=not keep_input)
-
-    def _portable_forward(self, h: torch.Tensor, mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor:
-        """`forward` in the ops ExecuTorch's XNNPACK backend delegates (`mobilebert.deploy.mobile`): a matmul
-        then an add where eager adds into the residual, attention as two bmm and a softmax (XNNPACK has no SDPA;
-        `mask` is finite there). Captured only: every op makes a new tensor."""
-        if self._linear_layout is None:
-            self.make_portable()
-        w = self._linear_layout
-        x, q, k, v = self.attention_inputs(h, w, B, T, F.linear, portable=True)
-        a = _matmul_residual(bmm_attention(q, k, v, mask, B, self.heads), x, *w.attention)
-        for up, up_bias, *down in w.ffns:
-            a = _matmul_residual(w.act(F.linear(a, up, up_bias)), a, *down)
-        return _matmul_residual(a, h, *w.output)
-
-

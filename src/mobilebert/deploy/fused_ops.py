@@ -1,15 +1,13 @@
-"""The fused inference model's building blocks: weight folding, residual matmuls, packed (oneDNN) and portable
-(XNNPACK) linear layers and attention. Pure functions of tensors; `fused_block` and `optimize` assemble them.
+"""The fused inference model's building blocks: weight folding and the residual matmul. Pure functions of tensors;
+`fused_block` and `optimize` assemble them, `onednn` and `xnnpack` hold the other runtimes' own ops.
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mobilebert.model import NoNorm
@@ -91,41 +89,8 @@ def residual(x: torch.Tensor, r: torch.Tensor, weight_t: torch.Tensor, bias: tor
     return y if norm is None else norm(y)
 
 
-def cpu_bf16() -> bool:
-    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def onednn_bf16() -> bool:
-    """Whether this PyTorch build runs oneDNN's bf16 matmuls on a CPU that computes bf16 natively."""
-    return cpu_bf16() and torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def _pack(weight_t: torch.Tensor) -> torch.Tensor:
-    """A (in, out) weight as oneDNN's prepacked (out, in) matmul weight, reordered once instead of per call."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight_t.t().contiguous())
-
-
 def _addmm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return torch.addmm(bias, x, weight_t)
-
-
-def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, post: str = "none") -> torch.Tensor:
-    """`post(x W + b)` in one oneDNN call; `post` is "none" or "relu"."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, post, [], "")
-
-
-def packed_residual(x: torch.Tensor, r: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-                    scale: torch.Tensor | None, norm: nn.Module | None, reuse: bool = True) -> torch.Tensor:
-    """`residual` with a prepacked weight: the add of the residual is the matmul's fused post-op."""
-    if scale is not None:  # NoNorm: r*gamma + b' in one pass (in r's memory when r is not needed afterwards)
-        r, bias = torch.addcmul(bias, r, scale, out=r) if reuse else torch.addcmul(bias, r, scale), None
-    y = torch.ops.mkldnn._linear_pointwise.binary(x, r, packed, bias, "add")
-    return y if norm is None else norm(y)
 
 
 def _sublayer(linear: nn.Linear, norm: nn.Module) -> Sublayer:
@@ -133,29 +98,3 @@ def _sublayer(linear: nn.Linear, norm: nn.Module) -> Sublayer:
     if isinstance(norm, NoNorm):
         return Sublayer(*_fold(linear, norm), norm.weight.detach().clone(), None)
     return Sublayer(*_params(linear), None, _layer_norm(norm))
-
-
-def _matmul_residual(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     scale: torch.Tensor | None, norm: nn.Module | None) -> torch.Tensor:
-    """`residual` as `F.linear` (weight (out, in)) and a separate add of r (times NoNorm's gamma)."""
-    y = F.linear(x, weight, bias) + (r if scale is None else r * scale)
-    return y if norm is None else norm(y)
-
-
-def bmm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, B: int,
-                  heads: int) -> torch.Tensor:
-    """softmax(q kᵀ / √(I/H) + mask) v per head as bmm, softmax, bmm; q, k, v and the result (N, I), `mask`
-    additive (B*H, 1, T) or None. Every reshape names all sizes but one (-1), the sequence length: XNNPACK takes
-    reshapes with at most one inferred size and none symbolic, so the program's length can vary."""
-    d = q.shape[1] // heads
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.view(B, -1, heads, d).permute(0, 2, 1, 3).reshape(B * heads, -1, d)  # (B*H, T, I/H)
-
-    scores = torch.bmm(split(q) * torch.tensor(d ** -0.5, dtype=q.dtype), split(k).transpose(1, 2))  # (B*H, T, T)
-    if mask is not None:
-        scores = scores + mask
-    context = torch.bmm(scores.softmax(dim=-1), split(v))  # (B*H, T, I/H)
-    return context.view(B, heads, -1, d).permute(0, 2, 1, 3).reshape(-1, heads * d)  # (N, I)
-
-

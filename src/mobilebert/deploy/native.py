@@ -60,7 +60,7 @@ def unsupported(backbone: Any) -> str | None:
             return "its feed-forward activation is not ReLU"
         if not (block.shared or block.bottleneck_attention):
             return "its blocks have neither a shared Q/K bottleneck nor bottleneck attention"
-        if block.portable or block._pack_wanted:
+        if block.runtime != "fused":
             return "its blocks were made portable or packed for another runtime"
     return None
 

@@ -19,8 +19,10 @@ Every rewrite is exact algebra; outputs differ from eager only by float rounding
 - Activations stay 2-D (tokens × width) between matmuls, weights are stored pre-transposed and contiguous.
 - Dropout is gone (inference only). LayerNorm (w/o OPT, the teacher) stays LayerNorm, with eager's eps.
 
-Where a runtime needs other ops, the same weights run another forward: `FusedBlock.pack` (oneDNN-prepacked bf16),
-`FusedBlock.make_portable` (the ops ExecuTorch's XNNPACK backend takes; `mobilebert.deploy.optimize.portable`).
+Where a runtime needs other ops, the same weights run another forward, beside that runtime's own ops:
+`FusedBlock.pack` (oneDNN-prepacked bf16, `mobilebert.deploy.onednn`), `FusedBlock.make_portable` (the ops
+ExecuTorch's XNNPACK backend takes, `mobilebert.deploy.xnnpack`; `portable` below for a whole model) and the
+token-parallel runtime (`mobilebert.deploy.native`).
 
 Axes: B batch, T tokens, N = B*T, H heads, D hidden_size, I intra_bottleneck_size, E embedding_size, V vocab.
 """
@@ -33,11 +35,9 @@ import torch
 from torch import nn
 
 from mobilebert.deploy.fused_block import FusedBlock, FusedEmbeddings
-from mobilebert.deploy.fused_ops import (
-    _capturing,
-    onednn_bf16,
-)
+from mobilebert.deploy.fused_ops import _capturing
 from mobilebert.deploy.native import TokenParallel, extension, unsupported
+from mobilebert.deploy.onednn import onednn_bf16
 from mobilebert.errors import UserError
 from mobilebert.heads import (
     MaskedLMHead,

@@ -23,7 +23,6 @@ from mobilebert.checkpoint import CONFIG_NAME, TOKENIZER_FILES, read_config, res
 from mobilebert.deploy.backends import BACKENDS, FORMATS, Runner, open_exported
 from mobilebert.deploy.export import DEFAULT_OPSET
 from mobilebert.deploy.formats import ExportOptions
-from mobilebert.deploy.fused_ops import cpu_bf16
 from mobilebert.deploy.interface import (
     argmax_agreement,
     eager_outputs,
@@ -31,6 +30,7 @@ from mobilebert.deploy.interface import (
     mobile_runtime_versions,
     relative_errors,
 )
+from mobilebert.deploy.onednn import cpu_bf16
 from mobilebert.deploy.quantize import (
     file_size,
     state_dict_size,
