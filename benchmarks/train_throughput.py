@@ -50,8 +50,9 @@ def bare_step(model, optimizer, scheduler, batch, precision: str) -> float:
         out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=batch["labels"],
                     masked_only=True)
     masked = batch["labels"][batch["labels"] != -100]
-    loss = F.cross_entropy(out.prediction_logits, masked) + F.cross_entropy(out.seq_relationship_logits,
-                                                                           batch["next_sentence_label"])
+    # fp32 losses, as the engine's (bf16 logits under autocast)
+    loss = F.cross_entropy(out.prediction_logits.float(), masked) + F.cross_entropy(
+        out.seq_relationship_logits.float(), batch["next_sentence_label"])
     loss.backward()
     clip_grad_norm(model.parameters(), 1.0)
     optimizer.step()
