@@ -18,12 +18,12 @@ import argparse
 import contextlib
 import copy
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from devices import add_device_option, chosen_device, describe, synchronize
 
 import mobilebert as mb
 from mobilebert.tables import format_table
@@ -69,12 +69,10 @@ def measure(runs: dict[str, Callable], cfg: mb.MobileBertConfig, batch: int, seq
     names = list(runs)
     for i in range(reps + warmup):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             runs[name](inputs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return [{"candidate": name, "batch": batch, "seq": seq, "median_ms": 1e3 * statistics.median(times[name]),
@@ -89,20 +87,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30, help="timed calls per candidate and batch size")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_device_option(parser)
     parser.add_argument("--compile", action="store_true", help="add the bf16 model through torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    device = torch.device(args.device)
+    device = chosen_device(args)
     cfg = mb.preset(args.preset)
     torch.manual_seed(0)
     model = mb.MobileBertForQuestionAnswering(cfg).eval().to(device)
     runs = candidates(model, args.compile)
     results = [r for b in args.batch for r in measure(runs, cfg, b, args.seq, args.reps, args.warmup, device)]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{args.threads} threads, {platform.processor() or platform.machine()}"
+    where = describe(device, args.threads)
     print(f"eager inference, {args.preset} + question-answering head (random weights), seq {args.seq}, median of "
           f"{args.reps} interleaved calls; torch {torch.__version__}, {where}")
     print(format_table(["candidate", "batch", "ms / call", "sequences / s", "max rel. error", "argmax agree"],

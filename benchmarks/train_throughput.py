@@ -18,13 +18,13 @@ import argparse
 import contextlib
 import copy
 import json
-import platform
 import statistics
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
+from devices import add_device_option, chosen_device, describe, synchronize
 
 import mobilebert as mb
 from mobilebert.tables import format_table
@@ -59,11 +59,6 @@ def bare_step(model, optimizer, scheduler, batch, precision: str) -> float:
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(name: str, batch_size: int, seq: int, steps: int, warmup: int, device: torch.device,
@@ -112,18 +107,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_device_option(parser)
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
                         help="bf16: autocast on both sides, as `--train.precision bf16`")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    device = torch.device(args.device)
+    device = chosen_device(args)
     results = [measure(p, args.batch, args.seq, args.steps, args.warmup, device, precision)
                for p in args.presets for precision in args.precision]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{args.threads} threads, {platform.processor() or platform.machine()}"
+    where = describe(device, args.threads)
     print(f"training throughput, batch {args.batch} × seq {args.seq}, LAMB, median of {args.steps} interleaved "
           f"steps; torch {torch.__version__}, {where}")
     print(format_table(["preset", "precision", "engine tok/s", "bare tok/s", "engine overhead"],

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = dataclasses.replace(plan, student_preset=args.student, layerwise_steps=args.layerwise_steps,
                                pd_steps=args.pd_steps, max_seq_length=args.max_seq_length, task_train=args.task_train,
                                task_dev=args.task_dev, epochs=args.epochs)
-    tasks = write_builtin_tasks(out / "tasks", BuiltinSizes(plan.task_train, plan.task_dev))
+    tasks = write_builtin_tasks(out / "tasks", BuiltinSizes(plan.task_train, plan.task_dev, qa_train=plan.qa_train))
     # (results key, seed, run name, budget): budget 1 keeps the names of earlier single-budget ablations.
     runs = [(strategy if b == 1 else f"{strategy}@{b}x", seed, f"{strategy}-seed{seed}" if b == 1 else
              f"{strategy}-x{b}-seed{seed}", b) for b in args.budgets for strategy in args.strategies

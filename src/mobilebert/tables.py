@@ -21,6 +21,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 
 def _is_number(text: str) -> bool:
+    """A number, or "-" (no value) in a column of numbers."""
+    if text == "-":
+        return True
     try:
         float(text.replace(",", "").rstrip("M").rstrip("G"))
     except ValueError:

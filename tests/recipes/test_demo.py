@@ -18,9 +18,9 @@ STAGES = ("teacher", "student", "scratch", *(f"finetune-{m}" for m in FINETUNED)
 
 
 def run_demo(out: Path, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mobilebert", "demo", "--quick", "--out", str(out)], cwd=cwd,
-                          capture_output=True, text=True, env={"MOBILEBERT_CACHE": str(cwd / "cache"),
-                                                               "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})
+    command = [sys.executable, "-m", "mobilebert", "demo", "--quick", "--task-kd", "--out", str(out)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True,
+                          env={"MOBILEBERT_CACHE": str(cwd / "cache"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,11 @@ def test_quick_demo_writes_a_report_from_the_run_and_resumes_without_redoing_sta
         assert f"{summary['best']['metrics'][summary['main_metric']]:.4f}" in report
     bench = json.loads((out / "bench" / "bench.json").read_text())
     assert f"{bench['results'][0]['median_ms']:.2f}" in report
+    # Task distillation only where the plan asks for it (builtin-qa); the report marks the rest as not run.
+    assert sorted(p.name for p in (out / "finetune-student-kd").iterdir() if p.is_dir()) == ["builtin-qa"]
+    kd_row = next(line for line in report.splitlines() if line.startswith("| MobileBERT, distilled + task KD"))
+    cells = [c.strip() for c in kd_row.strip("| ").split("|")][1:]
+    assert [c == "-" for c in cells] == [task != "builtin-qa" for task in BUILTIN_TASKS]
 
     # Killed during the benchmark: the next run redoes only that stage.
     stamps = {p: p.stat().st_mtime for p in out.glob("*/stage.json") if p.parent.name != "bench"}
@@ -94,10 +99,12 @@ def test_stages_wait_for_the_stage_they_follow_and_a_wait_for_a_stage_that_never
     from mobilebert.recipes.demo import run_stages
 
     stages = [("long", partial(_timed_stage, 1.0)), ("follows-long", partial(_timed_stage, 0.0)),
-              ("short", partial(_timed_stage, 0.0))]
-    records = run_stages(tmp_path, stages, workers=2, after={"follows-long": "long"})
+              ("short", partial(_timed_stage, 0.0)), ("follows-both", partial(_timed_stage, 0.0))]
+    records = run_stages(tmp_path, stages, workers=2,
+                         after={"follows-long": "long", "follows-both": ("short", "follows-long")})
     assert records["follows-long"]["began"] >= records["long"]["ended"]
-    assert set(records) == {"long", "follows-long", "short"}
+    assert records["follows-both"]["began"] >= max(records["short"]["ended"], records["follows-long"]["ended"])
+    assert set(records) == {"long", "follows-long", "short", "follows-both"}
     # One at a time, a stage listed before the one it follows still runs after it.
     records = run_stages(tmp_path / "in-turn", [stages[1], stages[0]], workers=1, after={"follows-long": "long"})
     assert records["follows-long"]["began"] >= records["long"]["ended"]

@@ -236,7 +236,12 @@ def test_builtin_tasks_are_written_in_glue_and_squad_formats_with_a_learnable_si
         a, b = ex.texts[0].split(), ex.texts[1].split()
         kept = sum(x == y for x, y in zip(a, b, strict=True))
         assert ex.label >= 5 * kept / len(a) - 1e-3  # a replacement can draw the same word back
-    qa = json.loads((root / "builtin-qa" / "dev-v1.1.json").read_text())
+    # builtin-qa trains on 8 x as many questions as the other tasks' rows by default (one question per article).
+    qa = {split: json.loads((root / "builtin-qa" / f"{split}-v1.1.json").read_text()) for split in ("train", "dev")}
+    assert (len(qa["train"]["data"]), len(qa["dev"]["data"])) == (1600, 50)
+    small = write_builtin_tasks(tmp_path / "small", BuiltinSizes(train=200, dev=50, qa_train=120))
+    assert len(json.loads((small / "builtin-qa" / "train-v1.1.json").read_text())["data"]) == 120
+    qa = qa["dev"]
     for article in qa["data"]:
         for paragraph in article["paragraphs"]:
             for q in paragraph["qas"]:

@@ -6,7 +6,7 @@ file formats, so that offline fine-tuning runs through the same loaders as the r
 | builtin-order | CoLA TSV (no header) | sentence → 1 if its words are in order, 0 if they were shuffled | MCC 0 |
 | builtin-next | MRPC TSV | sentence pair → 1 if the second follows the first in its document, else 0 | acc 0.5 |
 | builtin-overlap | STS-B TSV | sentence pair → 5 × the share of words the second keeps from the first | Pearson 0 |
-| builtin-qa | SQuAD v1.1 JSON | up to three sentences + "from X to Y" → the span from word X to word Y | EM 0 |
+| builtin-qa | SQuAD v1.1 JSON | up to two sentences + "from X to Y" → the span from word X to word Y | EM 0 |
 
 Training examples come from the corpus's train documents, dev examples from its validation documents (which the
 pre-training never sees). Every label is computable from the text, so a good model beats the baselines widely.
@@ -24,8 +24,9 @@ from mobilebert.data.corpus import load_corpus
 from mobilebert.errors import UserError
 from mobilebert.files import atomic_write
 
+CONTEXT_SENTENCES = 2  # at most, in a builtin-qa context: the span's sentence and a neighbour
 QUESTION = ("from", "to")  # a builtin-qa question: "from <first word of the span> to <its last word>"
-VERSION = 3  # of the generators: a folder written by another version is rewritten
+VERSION = 4  # of the generators: a folder written by another version is rewritten
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,19 @@ BUILTIN_TASKS = {t.name: t for t in (
 
 @dataclass(frozen=True)
 class BuiltinSizes:
+    """Examples per split. builtin-qa's training set is `qa_train` questions, by default 8 × `train`: learning to
+    match the question in the context takes many updates, and a small student learns it more reliably from many
+    questions seen once than from few seen often (docs/finetuning.md)."""
+
     train: int = 2000
     dev: int = 400
     seed: int = 0
+    qa_train: int | None = None
+
+    def questions(self, split: str) -> int:
+        if split == "dev":
+            return self.dev
+        return self.qa_train if self.qa_train is not None else 8 * self.train
 
 
 def write_builtin_tasks(out_dir: str | Path, sizes: BuiltinSizes = BuiltinSizes()) -> Path:
@@ -58,7 +69,8 @@ def write_builtin_tasks(out_dir: str | Path, sizes: BuiltinSizes = BuiltinSizes(
 
     Idempotent: a folder holding a `done` marker for the same sizes is left as it is."""
     out = Path(out_dir)
-    stamp = json.dumps({"train": sizes.train, "dev": sizes.dev, "seed": sizes.seed, "version": VERSION})
+    stamp = json.dumps({"train": sizes.train, "dev": sizes.dev, "seed": sizes.seed,
+                        "qa_train": sizes.questions("train"), "version": VERSION})
     if (out / "done").is_file() and (out / "done").read_text() == stamp:
         return out
     docs = {split: [list(d) for d in load_corpus("builtin", split=split)] for split in ("train", "validation")}
@@ -68,7 +80,7 @@ def write_builtin_tasks(out_dir: str | Path, sizes: BuiltinSizes = BuiltinSizes(
         _write_tsv(out / "builtin-order" / f"{split}.tsv", None, _order_rows(source, size, rng))
         _write_tsv(out / "builtin-next" / f"{split}.tsv", MRPC_HEADER, _next_rows(source, size, rng))
         _write_tsv(out / "builtin-overlap" / f"{split}.tsv", STSB_HEADER, _overlap_rows(source, size, rng))
-        squad = {"version": "1.1", "data": _qa_articles(source, size, rng, split)}
+        squad = {"version": "1.1", "data": _qa_articles(source, sizes.questions(split), rng, split)}
         path = out / "builtin-qa" / f"{split}-v1.1.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda p, s=squad: p.write_text(json.dumps(s, ensure_ascii=False)))
@@ -153,8 +165,8 @@ def _overlap_rows(docs, size: int, rng: random.Random) -> list[list[str]]:
 
 
 def _qa_articles(docs, size: int, rng: random.Random, split: str) -> list[dict]:
-    """SQuAD articles, one question each: the context is a sentence of a document with its neighbours (up to
-    three sentences); the question names the first and last word of a 2–5 word span of that sentence ("from X to
+    """SQuAD articles, one question each: the context is a sentence of a document and the one before or after it
+    (`CONTEXT_SENTENCES`); the question names the first and last word of a 2–5 word span of that sentence ("from X to
     Y"), each of which occurs once in the context; the answer is the span. Answering takes matching the question's
     words to the context and extracting what lies between them."""
     candidates = [(d, j) for d, doc in enumerate(docs) if len(doc) >= 2 for j, text in enumerate(doc)
@@ -167,7 +179,7 @@ def _qa_articles(docs, size: int, rng: random.Random, split: str) -> list[dict]:
                             f"context ({len(articles)} questions made, {size} wanted)")
         d, j = rng.choice(candidates)
         first = max(0, j - rng.randint(0, 1))
-        sentences = list(docs[d][first:first + 3])
+        sentences = list(docs[d][first:first + CONTEXT_SENTENCES])
         context = " ".join(sentences)
         s = j - first
         words = sentences[s].split()

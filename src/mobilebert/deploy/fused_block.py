@@ -19,6 +19,9 @@ from mobilebert.deploy.onednn import packed_forward, packed_weights
 from mobilebert.deploy.xnnpack import portable_forward, portable_weights
 from mobilebert.model import Block, Embeddings, NoNorm
 
+# Each runtime other than the fused forward: (its copy of the block's weights, its forward on that copy).
+RUNTIMES = {"packed": (packed_weights, packed_forward), "portable": (portable_weights, portable_forward)}
+
 
 class FusedEmbeddings(nn.Module):
     """Embeddings as one gather, one matmul-add and (LayerNorm only) the norm.
@@ -208,14 +211,17 @@ class FusedBlock(nn.Module):
     def pack(self) -> None:
         """Run the block in the oneDNN runtime (`mobilebert.deploy.onednn`): prepacked weights, bias, ReLU and
         residual adds fused into each matmul. Any later `.to()` drops the packing."""
-        self.runtime, self._runtime_weights = "packed", packed_weights(self)
+        self._run_in("packed")
 
     def make_portable(self) -> None:
         """Run the block in XNNPACK's ops (`mobilebert.deploy.xnnpack`), each FFN's weights on its own storage.
         Called before a capture: weights built during one would be captured as ops on the buffers."""
         self.ffns_own_storage = True
         self._weights = None
-        self.runtime, self._runtime_weights = "portable", portable_weights(self)
+        self._run_in("portable")
+
+    def _run_in(self, runtime: str) -> None:
+        self.runtime, self._runtime_weights = runtime, RUNTIMES[runtime][0](self)
 
     def weights_as(self, layout: Callable[[torch.Tensor], torch.Tensor]) -> BlockWeights:
         """`weights()` with every (in, out) matrix passed through `layout`."""
@@ -324,11 +330,10 @@ class FusedBlock(nn.Module):
         """The block output (N, D); the sums of the residual steps are built in the memory of their residual,
         which for the last one is h: `keep_input` keeps h intact (it is returned as a hidden state)."""
         if self.runtime != "fused":
+            build, run = RUNTIMES[self.runtime]
             if self._runtime_weights is None:
-                self._runtime_weights = (packed_weights if self.runtime == "packed" else portable_weights)(self)
-            if self.runtime == "packed":
-                return packed_forward(self, self._runtime_weights, h, mask, B, T, keep_input)
-            return portable_forward(self, self._runtime_weights, h, mask, B, T)
+                self._runtime_weights = build(self)
+            return run(self, self._runtime_weights, h, mask, B, T, keep_input)
         w = self.weights()
         x, q, k, v = self.attention_inputs(h, w, B, T)
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, I/H)

@@ -54,8 +54,9 @@ def portable_weights(block: FusedBlock) -> BlockWeights:
 
 
 def portable_forward(block: FusedBlock, w: BlockWeights, h: torch.Tensor, mask: torch.Tensor | None, B: int,
-                     T: int) -> torch.Tensor:
-    """`FusedBlock.forward` on the portable weights `w` (`mask` is finite here: see `FusedMobileBert`)."""
+                     T: int, keep_input: bool = False) -> torch.Tensor:
+    """`FusedBlock.forward` on the portable weights `w` (`mask` is finite here: see `FusedMobileBert`); h is never
+    written, so `keep_input` holds whatever it says."""
     x, q, k, v = block.attention_inputs(h, w, B, T, F.linear, portable=True)
     a = matmul_residual(bmm_attention(q, k, v, mask, B, block.heads), x, *w.attention)
     for up, up_bias, *down in w.ffns:

@@ -200,6 +200,8 @@ def _tasks(out: Path, records: dict[str, Any], plots: Path) -> str:
         if not (out / f"finetune-{model}").is_dir():  # runs from before task distillation lack it
             continue
         for task in BUILTIN_TASKS:
+            if not (out / f"finetune-{model}" / task / "results.json").is_file():  # task KD: on some tasks
+                continue
             summary = json.loads((out / f"finetune-{model}" / task / "results.json").read_text())
             metric = metric_of.setdefault(task, summary["main_metric"])
             scores.setdefault(model, {})[task] = summary["best"]["metrics"][metric]
@@ -210,24 +212,25 @@ def _tasks(out: Path, records: dict[str, Any], plots: Path) -> str:
     if all("bf16_metrics" in deploy[task] for task in BUILTIN_TASKS):  # runs before bf16 was scored lack it
         scores["bf16"] = {task: deploy[task]["bf16_metrics"][metric_of[task]] for task in BUILTIN_TASKS}
     header = ["model", *[f"{t} ({metric_of[t]})" for t in BUILTIN_TASKS]]
-    rows = [[LABELS[m], *[f"{scores[m][t]:.4f}" for t in BUILTIN_TASKS]] for m in scores]
+    rows = [[LABELS[m], *[f"{scores[m][t]:.4f}" if t in scores[m] else "-" for t in BUILTIN_TASKS]] for m in scores]
     rows.append(["constant baseline", *[f"{baseline[t]:.4f}" if baseline[t] == baseline[t] else "undefined"
                                         for t in BUILTIN_TASKS]])
     fig, ax = plt.subplots(figsize=(8, 3.5))
     x = np.arange(len(BUILTIN_TASKS))
     for i, model in enumerate(scores):
         width = 0.8 / len(scores)
-        ax.bar(x + (i - (len(scores) - 1) / 2) * width, [_unit(scores[model][t], metric_of[t]) for t in BUILTIN_TASKS],
-               width, label=LABELS[model])
+        ax.bar(x + (i - (len(scores) - 1) / 2) * width,
+               [_unit(scores[model].get(t, float("nan")), metric_of[t]) for t in BUILTIN_TASKS], width,
+               label=LABELS[model])
     ax.set_xticks(x, [f"{t}\n({metric_of[t]})" for t in BUILTIN_TASKS], fontsize=8)
     ax.set_ylabel("dev score (0-1)")
     ax.legend(fontsize=7)
     _save(fig, plots / "tasks.png")
     return ("## Built-in tasks\n\nDev scores after fine-tuning (SQuAD-style scores in percent, others as "
             "fractions). Task KD: the distilled student fine-tuned with the fine-tuned teacher's outputs as "
-            "soft targets (`finetune --teacher`, β 0.5). The int8 row is the distilled student's task models run "
-            "by ONNX Runtime after dynamic int8 quantization, the bf16 row the same models through "
-            "`optimize_for_inference` in bfloat16.\n\n"
+            "soft targets (`finetune --teacher`, β 0.5), on the tasks the plan names (-: not run). The int8 row "
+            "is the distilled student's task models run by ONNX Runtime after dynamic int8 quantization, the bf16 "
+            "row the same models through `optimize_for_inference` in bfloat16.\n\n"
             + format_table(header, rows) + "\n\n![tasks](report/tasks.png)")
 
 
