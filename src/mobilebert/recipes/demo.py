@@ -31,7 +31,7 @@ from mobilebert.files import atomic_write
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of every stage: the full demo (about 19 ½ minutes on 2 Intel cores, 27 ½ on AMD) or `--quick`
+    """Sizes of every stage: the full demo (under 20 minutes on 2 AMD EPYC cores, docs/finetuning.md) or `--quick`
     (about a minute)."""
 
     teacher_steps: int = 800  # configs/demo/teacher.yaml has 1200: a third less, for the time budget on AMD

@@ -116,8 +116,8 @@ def _stages(records: dict[str, Any]) -> str:
     run = records.get("run", {})
     note = ""
     if run:
-        parallel = f"with {run['workers']} workers: student and scratch side by side, as were the fine-tuning " \
-                   f"runs, so the wall clock is below the sum" if run["workers"] > 1 else "one stage at a time"
+        parallel = f"{run['workers']} stages at a time, each as soon as what it needs is done, so the wall clock " \
+                   f"is below the sum" if run["workers"] > 1 else "one stage at a time"
         skipped = f"; {run['skipped']} stage(s) finished earlier were skipped" if run["skipped"] else ""
         note = f"\n\nWall clock of this invocation: {run['seconds']:.0f} s ({parallel}{skipped})."
     return "## What ran\n\n" + table + note
