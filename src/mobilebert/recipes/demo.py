@@ -184,13 +184,13 @@ def data_work(plan: DemoPlan, folder: Path) -> dict:
     return {"data": str(folder / "prepared")}
 
 
-def teacher_work(plan: DemoPlan, out: Path, folder: Path, data: str | None = None) -> dict:
-    """Pre-train the teacher on the prepared folder `data`, or on a preparation of its own (tokenizer included)."""
-    source = ["--data.prepared", data] if data else ["--data.vocab_size", str(plan.vocab_size)]
+def teacher_work(plan: DemoPlan, out: Path, data: str, folder: Path) -> dict:
+    """Pre-train the teacher on the prepared folder `data` (`data_work`)."""
     _run("pretrain", folder, _config("teacher.yaml"), [
         "--model.preset", plan.teacher_preset, "--train.steps", str(plan.teacher_steps),
         "--train.warmup_steps", str(min(50, plan.teacher_steps // 10)),
-        "--train.eval_every", str(max(plan.teacher_steps // 4, 1)), *_data_overrides(plan, out / "cache"), *source])
+        "--train.eval_every", str(max(plan.teacher_steps // 4, 1)), *_data_overrides(plan, out / "cache"),
+        "--data.prepared", data])
     return {"model": str(folder / "final")}
 
 
@@ -283,7 +283,7 @@ def main(args: argparse.Namespace) -> int:
     # One schedule, each stage as soon as what it needs is done: the baseline (which needs only the data) and its
     # fine-tuning run beside the teacher; the distilled student takes the first worker the teacher frees (it is on
     # the longest path); task distillation waits for the student and its fine-tuned teacher.
-    pretrained = [("teacher", partial(teacher_work, plan, out, data=data)),
+    pretrained = [("teacher", partial(teacher_work, plan, out, data)),
                   ("scratch", partial(scratch_work, plan, teacher, cache, data=data)),
                   ("student", partial(student_work, plan, teacher, cache))]
     after: dict[str, str | tuple[str, ...]] = {"student": "teacher"}

@@ -197,10 +197,9 @@ def _tasks(out: Path, records: dict[str, Any], plots: Path) -> str:
     baseline: dict[str, float] = {}
     metric_of: dict[str, str] = {}
     for model in ("teacher", "student", "student-kd", "scratch"):
-        if not (out / f"finetune-{model}").is_dir():  # runs from before task distillation lack it
-            continue
         for task in BUILTIN_TASKS:
-            if not (out / f"finetune-{model}" / task / "results.json").is_file():  # task KD: on some tasks
+            # Task KD runs on the tasks the plan names, if any (and runs from before it have no folder for it).
+            if not (out / f"finetune-{model}" / task / "results.json").is_file():
                 continue
             summary = json.loads((out / f"finetune-{model}" / task / "results.json").read_text())
             metric = metric_of.setdefault(task, summary["main_metric"])
