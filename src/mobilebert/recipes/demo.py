@@ -42,7 +42,7 @@ class DemoPlan:
     task_dev: int = 400
     qa_train: int | None = None  # builtin-qa's training questions: the built-in default (8 x task_train)
     epochs: float = 1.5  # the classification and regression tasks
-    qa_epochs: float | None = None  # builtin-qa: its family's default (batch 16 x 1 epoch)
+    qa_epochs: float | None = None  # builtin-qa: its family's default (batch 8 x 1 epoch)
     # Task distillation (`demo --task-kd`: builtin-qa, where the teacher led the student by far; on the others it
     # moved scores by about 0.01): with the teacher's forward in every step it costs a QA fine-tuning and a half,
     # which the 20-minute budget on 2 AMD cores cannot take (docs/finetuning.md).
