@@ -36,8 +36,8 @@ class DemoPlan:
 
     teacher_steps: int = 800  # configs/demo/teacher.yaml has 1200: a third less, for the time budget on AMD
     # PKT splits the layer-wise steps over the 6 layers. At 300 (+ 300 PD) the distilled student's builtin-qa EM
-    # ranged 50.5-90 over seeds; at 600 it was 91-94 (docs/distillation.md). A PD step costs about 1.7 layer-wise
-    # steps: 150 of them keep the student's stage at its former length.
+    # ranged 50.5-90 over seeds; at 600 (+ 150 PD) 71-91, or 91-94 with 16,000 questions (docs/distillation.md).
+    # A PD step costs about 1.7 layer-wise steps: 150 of them keep the student's stage at its former length.
     layerwise_steps: int = 600
     pd_steps: int = 150
     max_seq_length: int = 64
