@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Built-in corpus -> tokenizer -> IB-BERT-shaped teacher -> PKT knowledge transfer and "
                     "distillation -> fine-tuning of teacher, distilled and undistilled students on the built-in "
                     "tasks -> int8 ONNX export -> benchmark -> OUT/report.md and OUT/report.html. Finished stages "
-                    "are skipped, so an interrupted demo resumes where it stopped.")
+                    "are skipped, so an interrupted demo resumes where it stopped; a folder made with another plan "
+                    "(--quick, another version's) is refused.")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     demo.add_argument("--quick", action="store_true", help="the same pipeline at toy size (about a minute)")
     demo.add_argument("--task-kd", action="store_true",

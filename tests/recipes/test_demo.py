@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mobilebert.data.builtin_tasks import BUILTIN_TASKS
+from mobilebert.errors import UserError
 from mobilebert.recipes.demo import FINETUNED
 from mobilebert.recipes.demo_report import final_validation
 
@@ -113,3 +115,23 @@ def test_stages_wait_for_the_stage_they_follow_and_a_wait_for_a_stage_that_never
             run_stages(tmp_path / f"orphan-{workers}", [("orphan", partial(_timed_stage, 0.0)),
                                                         ("other", partial(_timed_stage, 0.0))],
                        workers=workers, after={"orphan": "missing"})
+
+
+def test_a_demo_folder_made_with_another_plan_is_refused_before_any_stage_runs(tmp_path):
+    from mobilebert.recipes.demo import QUICK, DemoPlan, check_plan
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    check_plan(out, QUICK, resuming=False)  # the first run records its plan
+    assert json.loads((out / "plan.json").read_text())["teacher_steps"] == QUICK.teacher_steps
+    check_plan(out, dataclasses.replace(QUICK, kd_tasks=("builtin-qa",)), resuming=True)  # KD only adds stages
+    with pytest.raises(UserError, match=r"another plan \(teacher_steps: 30 in it, 800 now; layerwise_steps: 24 in it, "
+                                         r"600 now; "):
+        check_plan(out, DemoPlan(), resuming=True)
+
+    # From the command line: one line, status 2, and nothing run in the folder.
+    command = [sys.executable, "-m", "mobilebert", "demo", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "another plan" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["plan.json"]

@@ -269,6 +269,27 @@ def collect_finetuning(records: dict[str, dict[str, Any]], model: str) -> Callab
     return work
 
 
+def check_plan(out: Path, plan: DemoPlan, resuming: bool) -> None:
+    """Record the plan in OUT/plan.json, or refuse to resume a run that was made with another plan: its finished
+    stages would be skipped and their results reported as this plan's. `kd_tasks` only adds stages, so it may
+    differ."""
+    recorded = json.loads(json.dumps({k: v for k, v in asdict(plan).items() if k != "kd_tasks"}))
+    path = out / "plan.json"
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        keys = [*recorded, *(k for k in earlier if k not in recorded)]  # in the plan's order
+        differ = [k for k in keys if earlier.get(k) != recorded.get(k)]
+        if differ:
+            shown = "; ".join(f"{k}: {earlier.get(k)} in it, {recorded.get(k)} now" for k in differ[:3])
+            raise UserError(f"{out} holds a demo run made with another plan ({shown}): give another --out or "
+                            "delete that folder")
+        return
+    if resuming:
+        print(f"warning: {out} has finished stages from a version that did not record its plan: they are reused "
+              "as they are (delete the folder to start again)")
+    atomic_write(path, lambda p: p.write_text(json.dumps(recorded, indent=2) + "\n"))
+
+
 def main(args: argparse.Namespace) -> int:
     from mobilebert.recipes.demo_report import bench_stage, deploy_stage, write_report
 
@@ -281,6 +302,7 @@ def main(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     workers = max(1, getattr(args, "workers", 2))
     skipped = len(list(out.glob("*/stage.json")))  # finished before this invocation
+    check_plan(out, plan, resuming=skipped > 0)
     records: dict[str, Any] = {"plan": asdict(plan)}
     records["data"] = run_stage(out, "data", partial(data_work, plan))
     data, teacher, cache = records["data"]["data"], str(out / "teacher" / "final"), out / "cache"
