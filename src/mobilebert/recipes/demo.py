@@ -26,7 +26,7 @@ from typing import Any
 
 from mobilebert.data.builtin_tasks import BUILTIN_TASKS, BuiltinSizes, write_builtin_tasks
 from mobilebert.errors import UserError
-from mobilebert.files import atomic_write
+from mobilebert.files import atomic_write, read_json
 
 
 @dataclass(frozen=True)
@@ -276,7 +276,7 @@ def check_plan(out: Path, plan: DemoPlan, resuming: bool) -> None:
     recorded = json.loads(json.dumps({k: v for k, v in asdict(plan).items() if k != "kd_tasks"}))
     path = out / "plan.json"
     if path.is_file():
-        earlier = json.loads(path.read_text())
+        earlier = read_json(path, hint=": give another --out or delete that folder")
         keys = [*recorded, *(k for k in earlier if k not in recorded)]  # in the plan's order
         differ = [k for k in keys if earlier.get(k) != recorded.get(k)]
         if differ:
