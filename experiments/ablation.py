@@ -116,15 +116,14 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds]
 
     def student(key: str, seed: int, budget: int):
-        extra = ("--train.seed", str(seed))
-        sized = dataclasses.replace(plan, layerwise_steps=plan.layerwise_steps * budget)
+        sized = dataclasses.replace(plan, layerwise_steps=plan.layerwise_steps * budget, seed=seed)
         if key.startswith("none"):
-            return partial(scratch_work, sized, args.teacher, out / "cache", extra=extra)
-        return partial(student_work, sized, args.teacher, out / "cache", strategy=key.partition("@")[0], extra=extra)
+            return partial(scratch_work, sized, args.teacher, out / "cache")
+        return partial(student_work, sized, args.teacher, out / "cache", strategy=key.partition("@")[0])
 
     students = run_stages(out, [(name, student(key, seed, b)) for key, seed, name, b in runs], args.workers)
-    tuned = run_stages(out, [(f"{name}-finetune/{task}", partial(finetune_work, plan, students[name]["model"], tasks,
-                                                                 task, extra=("--search.seeds", f"[{seed}]")))
+    tuned = run_stages(out, [(f"{name}-finetune/{task}", partial(finetune_work, dataclasses.replace(plan, seed=seed),
+                                                                 students[name]["model"], tasks, task))
                              for _, seed, name, _ in runs for task in args.tasks], args.workers)
     results: dict[str, list[dict]] = {}
     for key, _, name, _ in runs:

@@ -15,6 +15,7 @@ resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -48,13 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     student = str(demo / "student" / "final")
     stages = []
     for seed in args.seeds:
+        seeded = dataclasses.replace(plan, seed=seed)
         for task in args.tasks:
-            seeded = ("--search.seeds", f"[{seed}]")
             kd = ("--teacher", str(teachers[task]), "--distill.beta", str(args.beta))
-            stages += [(f"plain-seed{seed}/{task}", partial(finetune_work, plan, student, demo / "tasks", task,
-                                                            extra=seeded)),
-                       (f"kd-seed{seed}/{task}", partial(finetune_work, plan, student, demo / "tasks", task,
-                                                         extra=(*seeded, *kd)))]
+            stages += [(f"plain-seed{seed}/{task}", partial(finetune_work, seeded, student, demo / "tasks", task)),
+                       (f"kd-seed{seed}/{task}", partial(finetune_work, seeded, student, demo / "tasks", task,
+                                                         extra=kd))]
     out.mkdir(parents=True, exist_ok=True)
     records = run_stages(out, stages, args.workers)
 

@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--task-kd", action="store_true",
                       help="also fine-tune the distilled student on builtin-qa with task distillation from the "
                            "fine-tuned teacher (about 4 ½ more minutes of one worker; off by default for time)")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of every training run and fine-tuning (default: 0); the data stay the same, so "
+                           "another seed shows how much the results move with training randomness alone")
     demo.add_argument("--workers", type=int, default=2,
                       help="independent stages run side by side, each with its share of the threads (default: 2; "
                            "1 runs everything in turn)")

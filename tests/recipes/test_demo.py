@@ -135,3 +135,43 @@ def test_a_demo_folder_made_with_another_plan_is_refused_before_any_stage_runs(t
     assert result.returncode == 2
     assert "another plan" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["plan.json"]
+
+
+def test_a_demo_seed_is_part_of_its_plan_and_a_plan_from_before_seeds_was_seed_0(tmp_path):
+    from mobilebert.recipes.demo import QUICK, check_plan
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    check_plan(out, QUICK, resuming=False)
+    with pytest.raises(UserError, match=r"another plan \(seed: 0 in it, 1 now\)"):
+        check_plan(out, dataclasses.replace(QUICK, seed=1), resuming=True)
+
+    # A version that did not have seeds recorded no seed: its runs were seed 0, so seed 0 resumes them.
+    recorded = json.loads((out / "plan.json").read_text())
+    del recorded["seed"]
+    (out / "plan.json").write_text(json.dumps(recorded))
+    check_plan(out, QUICK, resuming=True)
+    with pytest.raises(UserError, match=r"seed: 0 in it, 2 now"):
+        check_plan(out, dataclasses.replace(QUICK, seed=2), resuming=True)
+
+
+def test_the_demo_seed_reaches_every_training_run_and_fine_tuning(tmp_path, monkeypatch):
+    from mobilebert.recipes import demo
+
+    commands: dict[str, list[str]] = {}
+
+    def run(command, out, config, overrides, **options):
+        commands[command] = overrides
+        if command == "finetune":
+            (out / "results.json").write_text(json.dumps(
+                {"best": {"metrics": {"em": 1.0}}, "baseline": {"em": 0.0}, "main_metric": "em"}))
+
+    monkeypatch.setattr(demo, "_run", run)
+    plan = dataclasses.replace(demo.QUICK, seed=7)
+    demo.teacher_work(plan, tmp_path, "prepared", tmp_path)
+    demo.student_work(plan, "teacher", tmp_path / "cache", tmp_path)
+    for task in ("builtin-order", "builtin-qa"):
+        demo.finetune_work(plan, "checkpoint", tmp_path / "tasks", task, tmp_path)
+        assert commands["finetune"][commands["finetune"].index("--search.seeds") + 1] == "[7]", task
+    for command in ("pretrain", "distill"):
+        assert commands[command][commands[command].index("--train.seed") + 1] == "7", command

@@ -62,6 +62,9 @@ class DemoPlan:
     vocab_size: int = 8192
     max_documents: int | None = None  # of the corpus: all
     log_every: int = 10
+    # Of every training run (initialisation, batch order, masking, dropout) and fine-tuning trial; the corpus, its
+    # masked pairs and the built-in tasks stay the same, so two seeds differ only in how the models were trained.
+    seed: int = 0
 
 
 QUICK = DemoPlan(teacher_steps=30, layerwise_steps=24, pd_steps=12, max_seq_length=32, task_train=96, task_dev=48,
@@ -178,7 +181,8 @@ def _config(name: str) -> str | None:
 def _data_overrides(plan: DemoPlan, cache: Path) -> list[str]:
     limit = ["--data.max_documents", str(plan.max_documents)] if plan.max_documents else []
     return ["--data.max_seq_length", str(plan.max_seq_length), "--data.cache_dir", str(cache),
-            "--train.tensorboard", "false", "--train.log_every", str(plan.log_every), *limit]
+            "--train.tensorboard", "false", "--train.log_every", str(plan.log_every), "--train.seed", str(plan.seed),
+            *limit]
 
 
 def data_work(plan: DemoPlan, folder: Path) -> dict:
@@ -199,26 +203,24 @@ def teacher_work(plan: DemoPlan, out: Path, data: str, folder: Path) -> dict:
     return {"model": str(folder / "final")}
 
 
-def student_work(plan: DemoPlan, teacher: str, cache: Path, folder: Path, strategy: str = "pkt",
-                 extra: tuple[str, ...] = ()) -> dict:
+def student_work(plan: DemoPlan, teacher: str, cache: Path, folder: Path, strategy: str = "pkt") -> dict:
     """Knowledge transfer from `teacher` (layer-wise with `strategy`), then pre-training distillation."""
     _run("distill", folder, _config(f"distill-{strategy}.yaml"), [
         "--distill.layerwise_steps", str(plan.layerwise_steps), "--distill.pd_steps", str(plan.pd_steps),
         "--distill.pd_warmup_steps", str(max(plan.pd_steps // 10, 1)), "--train.eval_every",
-        str(plan.layerwise_steps + plan.pd_steps), *_data_overrides(plan, cache), *extra],
+        str(plan.layerwise_steps + plan.pd_steps), *_data_overrides(plan, cache)],
          teacher=teacher, student=plan.student_preset, strategy=strategy)
     return {"model": str(folder / "final")}
 
 
-def scratch_work(plan: DemoPlan, teacher: str, cache: Path, folder: Path, extra: tuple[str, ...] = (),
-                 data: str | None = None) -> dict:
+def scratch_work(plan: DemoPlan, teacher: str, cache: Path, folder: Path, data: str | None = None) -> dict:
     """The baseline: the student's shape trained with plain MLM + NSP for as many steps as the distillation (on
     the teacher's prepared folder `data`, or with the teacher's tokenizer)."""
     steps = plan.layerwise_steps + plan.pd_steps
     source = ["--data.prepared", data] if data else ["--data.tokenizer", teacher]
     _run("pretrain", folder, _config("teacher.yaml"), [
         "--model.preset", plan.student_preset, "--train.steps", str(steps), "--train.warmup_steps",
-        str(min(50, steps // 10)), "--train.eval_every", str(steps), *_data_overrides(plan, cache), *source, *extra])
+        str(min(50, steps // 10)), "--train.eval_every", str(steps), *_data_overrides(plan, cache), *source])
     return {"model": str(folder / "final")}
 
 
@@ -235,8 +237,8 @@ def finetune_work(plan: DemoPlan, checkpoint: str, tasks: Path, task: str, folde
                  str(plan.max_seq_length // 2), *epochs, *extra)
     else:
         extra = (*length, "--search.epochs", f"[{plan.epochs}]", *extra)
-    _run("finetune", folder, None, ["--task.data_dir", str(tasks / task), "--train.tensorboard", "false", *extra],
-         checkpoint=checkpoint, task=task)
+    _run("finetune", folder, None, ["--task.data_dir", str(tasks / task), "--train.tensorboard", "false",
+                                     "--search.seeds", f"[{plan.seed}]", *extra], checkpoint=checkpoint, task=task)
     summary = json.loads((folder / "results.json").read_text())
     return {"metrics": summary["best"]["metrics"], "baseline": summary["baseline"],
             "main_metric": summary["main_metric"]}
@@ -272,11 +274,13 @@ def collect_finetuning(records: dict[str, dict[str, Any]], model: str) -> Callab
 def check_plan(out: Path, plan: DemoPlan, resuming: bool) -> None:
     """Record the plan in OUT/plan.json, or refuse to resume a run that was made with another plan: its finished
     stages would be skipped and their results reported as this plan's. `kd_tasks` only adds stages, so it may
-    differ."""
+    differ. A field that a plan.json lacks was added later: that run was made with the field's default."""
     recorded = json.loads(json.dumps({k: v for k, v in asdict(plan).items() if k != "kd_tasks"}))
     path = out / "plan.json"
     if path.is_file():
         earlier = read_json(path, hint=": give another --out or delete that folder")
+        defaults = json.loads(json.dumps(asdict(DemoPlan())))
+        earlier = {**{k: defaults[k] for k in recorded if k not in earlier}, **earlier}
         keys = [*recorded, *(k for k in earlier if k not in recorded)]  # in the plan's order
         differ = [k for k in keys if earlier.get(k) != recorded.get(k)]
         if differ:
@@ -296,6 +300,7 @@ def main(args: argparse.Namespace) -> int:
     plan = QUICK if args.quick else DemoPlan()
     if getattr(args, "task_kd", False):
         plan = dataclasses.replace(plan, kd_tasks=("builtin-qa",))
+    plan = dataclasses.replace(plan, seed=getattr(args, "seed", 0))
     models = (*MODELS, "student-kd") if plan.kd_tasks else MODELS
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

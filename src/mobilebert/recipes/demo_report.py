@@ -120,6 +120,8 @@ def _stages(records: dict[str, Any]) -> str:
                    f"is below the sum" if run["workers"] > 1 else "one stage at a time"
         skipped = f"; {run['skipped']} stage(s) finished earlier were skipped" if run["skipped"] else ""
         note = f"\n\nWall clock of this invocation: {run['seconds']:.0f} s ({parallel}{skipped})."
+    seed = records.get("plan", {}).get("seed", 0)
+    note += f"\n\nSeed {seed} of every training run and fine-tuning (`mobilebert demo --seed`)."
     return "## What ran\n\n" + table + note
 
 
