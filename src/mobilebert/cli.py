@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file of options (sections model, data, train)")
+    parser.add_argument("--config", help="YAML file of options: sections model, data, train (pretrain); distill, "
+                                          "data, train (distill); model, task, search, distill, train (finetune). "
+                                          "Any key can also be given as --section.key VALUE")
     parser.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints/, final/")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete earlier results in --out and start again")
