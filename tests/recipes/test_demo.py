@@ -14,7 +14,7 @@ import pytest
 from mobilebert.data.builtin_tasks import BUILTIN_TASKS
 from mobilebert.errors import UserError
 from mobilebert.recipes.demo import FINETUNED
-from mobilebert.recipes.demo_report import final_validation
+from mobilebert.recipes.demo_report import chance_band, final_validation, near_chance
 
 STAGES = ("teacher", "student", "scratch", *(f"finetune-{m}" for m in FINETUNED), "deploy", "bench")
 
@@ -175,3 +175,20 @@ def test_the_demo_seed_reaches_every_training_run_and_fine_tuning(tmp_path, monk
         assert commands["finetune"][commands["finetune"].index("--search.seeds") + 1] == "[7]", task
     for command in ("pretrain", "distill"):
         assert commands[command][commands[command].index("--train.seed") + 1] == "7", command
+
+
+def test_the_report_names_the_models_whose_task_score_is_within_noise_of_the_constant_baseline():
+    assert chance_band("accuracy", 400) == pytest.approx(0.05)  # 2 * sqrt(0.5 * 0.5 / 400)
+    assert chance_band("matthews", 400) == pytest.approx(0.1)  # 2 / sqrt(400)
+    assert chance_band("exact_match", 400) is None
+    metric_of = {"builtin-next": "accuracy", "builtin-order": "matthews", "builtin-qa": "exact_match"}
+    baseline = {"builtin-next": 0.5, "builtin-order": 0.0, "builtin-qa": 0.5}
+    scores = {"teacher": {"builtin-next": 0.458, "builtin-order": 0.816, "builtin-qa": 0.6},
+              "student": {"builtin-next": 0.549, "builtin-order": 0.09, "builtin-qa": 1.0},
+              "scratch": {"builtin-next": 0.56, "builtin-order": 0.75, "builtin-qa": 0.5}}
+    text = near_chance(scores, baseline, metric_of, 400)
+    assert "builtin-next (accuracy 0.50 ± 0.050): teacher (IB-BERT), MobileBERT, distilled (PKT);" in text
+    assert "builtin-order (matthews 0.00 ± 0.100): MobileBERT, distilled (PKT)." in text
+    assert "no distillation" not in text and "builtin-qa" not in text  # 0.56 is outside; EM has no band
+    assert near_chance({"teacher": {"builtin-next": 0.7}}, baseline, metric_of, 400) == ""
+    assert near_chance(scores, baseline, metric_of, None) == ""  # a plan without its dev size

@@ -227,12 +227,43 @@ def _tasks(out: Path, records: dict[str, Any], plots: Path) -> str:
     ax.set_ylabel("dev score (0-1)")
     ax.legend(fontsize=7)
     _save(fig, plots / "tasks.png")
+    noise = near_chance(scores, baseline, metric_of, records.get("plan", {}).get("task_dev"))
     return ("## Built-in tasks\n\nDev scores after fine-tuning (SQuAD-style scores in percent, others as "
             "fractions). Task KD: the distilled student fine-tuned with the fine-tuned teacher's outputs as "
             "soft targets (`finetune --teacher`, β 0.5), on the tasks the plan names (-: not run). The int8 row "
             "is the distilled student's task models run by ONNX Runtime after dynamic int8 quantization, the bf16 "
             "row the same models through `optimize_for_inference` in bfloat16.\n\n"
-            + format_table(header, rows) + "\n\n![tasks](report/tasks.png)")
+            + format_table(header, rows) + noise + "\n\n![tasks](report/tasks.png)")
+
+
+def chance_band(metric: str, n: int) -> float | None:
+    """Two standard errors of `metric` over n balanced dev examples for answers that ignore the input: accuracy
+    2·√(0.25/n); a correlation (Matthews, Pearson, Spearman) 2/√n. None for the others (SQuAD's scores)."""
+    if metric == "accuracy":
+        return 2 * (0.25 / n) ** 0.5
+    if metric in ("matthews", "pearson", "spearman"):
+        return 2 / n ** 0.5
+    return None
+
+
+def near_chance(scores: dict[str, dict[str, float]], baseline: dict[str, float], metric_of: dict[str, str],
+                n: int | None) -> str:
+    """A paragraph naming the pre-trained models whose fine-tuned score on a task is within `chance_band` of the
+    constant baseline: nothing tells them from input-blind answers there (empty when there are none)."""
+    found = []
+    for task, metric in metric_of.items():
+        band = chance_band(metric, n) if n else None
+        if band is None or baseline[task] != baseline[task]:
+            continue
+        near = [LABELS[m] for m in ("teacher", "student", "student-kd", "scratch")
+                if task in scores.get(m, {}) and abs(scores[m][task] - baseline[task]) <= band]
+        if near:
+            found.append(f"{task} ({metric} {baseline[task]:.2f} ± {band:.3f}): {', '.join(near)}")
+    if not found:
+        return ""
+    return ("\n\nWithin two standard errors of the constant baseline on the " + f"{n} dev examples, so not told "
+            "apart from answers that ignore the input: " + "; ".join(found) + ". Where the teacher is among them, "
+            "how a student compares with it on that task is noise.")
 
 
 def _unit(value: float, metric: str) -> float:
