@@ -275,11 +275,14 @@ def check_plan(out: Path, plan: DemoPlan, resuming: bool) -> None:
     """Record the plan in OUT/plan.json, or refuse to resume a run that was made with another plan: its finished
     stages would be skipped and their results reported as this plan's. `kd_tasks` only adds stages, so it may
     differ. A field that a plan.json lacks was added later: that run was made with the field's default."""
-    recorded = json.loads(json.dumps({k: v for k, v in asdict(plan).items() if k != "kd_tasks"}))
+    def as_json(p: DemoPlan) -> dict[str, Any]:  # as plan.json holds it (tuples as lists)
+        return json.loads(json.dumps(asdict(p)))
+
+    recorded = {k: v for k, v in as_json(plan).items() if k != "kd_tasks"}
     path = out / "plan.json"
     if path.is_file():
         earlier = read_json(path, hint=": give another --out or delete that folder")
-        defaults = json.loads(json.dumps(asdict(DemoPlan())))
+        defaults = as_json(DemoPlan())
         earlier = {**{k: defaults[k] for k in recorded if k not in earlier}, **earlier}
         keys = [*recorded, *(k for k in earlier if k not in recorded)]  # in the plan's order
         differ = [k for k in keys if earlier.get(k) != recorded.get(k)]

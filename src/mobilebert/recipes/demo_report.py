@@ -261,9 +261,9 @@ def near_chance(scores: dict[str, dict[str, float]], baseline: dict[str, float],
             found.append(f"{task} ({metric} {baseline[task]:.2f} ± {band:.3f}): {', '.join(near)}")
     if not found:
         return ""
-    return ("\n\nWithin two standard errors of the constant baseline on the " + f"{n} dev examples, so not told "
-            "apart from answers that ignore the input: " + "; ".join(found) + ". Where the teacher is among them, "
-            "how a student compares with it on that task is noise.")
+    return (f"\n\nWithin two standard errors of the constant baseline on the {n} dev examples, so not told apart "
+            f"from answers that ignore the input: {'; '.join(found)}. Where the teacher is among them, how a "
+            "student compares with it on that task is noise.")
 
 
 def _unit(value: float, metric: str) -> float:
