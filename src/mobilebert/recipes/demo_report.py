@@ -27,6 +27,7 @@ from mobilebert.train.rundir import read_metrics
 LABELS = {"teacher": "teacher (IB-BERT)", "student": "MobileBERT, distilled (PKT)",
           "student-kd": "MobileBERT, distilled + task KD", "scratch": "MobileBERT, no distillation",
           "int8": "MobileBERT distilled, ONNX int8", "bf16": "MobileBERT distilled, optimized bf16"}
+FINETUNED_MODELS = ("teacher", "student", "student-kd", "scratch")  # fine-tuned from pre-training, in row order
 
 
 # ---- stages ----
@@ -198,7 +199,7 @@ def _tasks(out: Path, records: dict[str, Any], plots: Path) -> str:
     scores: dict[str, dict[str, float]] = {}
     baseline: dict[str, float] = {}
     metric_of: dict[str, str] = {}
-    for model in ("teacher", "student", "student-kd", "scratch"):
+    for model in FINETUNED_MODELS:
         for task in BUILTIN_TASKS:
             # Task KD runs on the tasks the plan names, if any (and runs from before it have no folder for it).
             if not (out / f"finetune-{model}" / task / "results.json").is_file():
@@ -255,7 +256,7 @@ def near_chance(scores: dict[str, dict[str, float]], baseline: dict[str, float],
         band = chance_band(metric, n) if n else None
         if band is None or baseline[task] != baseline[task]:
             continue
-        near = [LABELS[m] for m in ("teacher", "student", "student-kd", "scratch")
+        near = [LABELS[m] for m in FINETUNED_MODELS
                 if task in scores.get(m, {}) and abs(scores[m][task] - baseline[task]) <= band]
         if near:
             found.append(f"{task} ({metric} {baseline[task]:.2f} ± {band:.3f}): {', '.join(near)}")
