@@ -36,6 +36,7 @@ def test_quick_demo_writes_a_report_from_the_run_and_resumes_without_redoing_sta
     tmp_path = out.parent
     assert result.returncode == 0, result.stderr[-3000:]
     report = (out / "report.md").read_text()
+    assert "one fine-tuning run per model and task (seed 0)" in report
     for stage in STAGES:
         assert (out / stage / "stage.json").is_file(), stage
         assert f"| {stage} " in report
