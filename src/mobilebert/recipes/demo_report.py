@@ -232,11 +232,11 @@ def _tasks(out: Path, records: dict[str, Any], plots: Path) -> str:
     seed = records.get("plan", {}).get("seed", 0)
     return ("## Built-in tasks\n\nDev scores after fine-tuning (SQuAD-style scores in percent, others as "
             f"fractions), one fine-tuning run per model and task (seed {seed}): a gap between two models smaller "
-            "than the spread between seeds is not a finding (`mobilebert demo --seed N` is another draw; three "
-            "seeds on two kinds of machine: docs/finetuning.md, \"Other seeds\"). Task KD: the distilled student fine-tuned with the fine-tuned teacher's outputs as "
-            "soft targets (`finetune --teacher`, β 0.5), on the tasks the plan names (-: not run). The int8 row "
-            "is the distilled student's task models run by ONNX Runtime after dynamic int8 quantization, the bf16 "
-            "row the same models through `optimize_for_inference` in bfloat16.\n\n"
+            "than the spread between seeds is not a finding (`mobilebert demo --seed N` is another draw; "
+            "docs/finetuning.md, \"Other seeds\", has three). Task KD: the distilled student fine-tuned with the "
+            "fine-tuned teacher's outputs as soft targets (`finetune --teacher`, β 0.5), on the tasks the plan "
+            "names (-: not run). The int8 row is the distilled student's task models run by ONNX Runtime after "
+            "dynamic int8 quantization, the bf16 row the same models through `optimize_for_inference` in bfloat16.\n\n"
             + format_table(header, rows) + noise + "\n\n![tasks](report/tasks.png)")
 
 
