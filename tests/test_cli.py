@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+from mobilebert.cli import main
+
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mobilebert", *args], capture_output=True, text=True, timeout=600)
@@ -34,3 +38,21 @@ def test_warnings_are_one_line_without_library_source():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "warning: data.tsv: skipped 2 malformed row(s) (UserWarning)\n"
+
+
+@pytest.mark.parametrize("argv, flag, value", [
+    (["predict", "model", "--batch-size", "0", "a"], "--batch-size", "0"),
+    (["predict", "model", "--threads", "-1", "a"], "--threads", "-1"),
+    (["evaluate", "model", "--task", "rte", "--max-examples", "-1"], "--max-examples", "-1"),
+    (["evaluate", "model", "--task", "rte", "--batch-size", "0"], "--batch-size", "0"),
+    (["bench", "--seq", "128", "0"], "--seq", "0"),
+    (["bench", "--repetitions", "0"], "--repetitions", "0"),
+    (["bench", "--threads", "0"], "--threads", "0"),
+    (["demo", "--workers", "0"], "--workers", "0"),
+])
+def test_counts_and_sizes_below_one_are_refused_before_anything_runs(capsys, argv, flag, value):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(f"argument {flag}: must be at least 1, got {value}")

@@ -10,6 +10,17 @@ import warnings
 from mobilebert.errors import UserError
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a count or size, 1 or more (0 and negatives would fail deep inside, or mean nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mobilebert",
@@ -20,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = commands.add_parser("presets", help="list the model presets with parameter counts and FLOPs",
                                   description="List every preset: shape, backbone parameters and FLOPs.")
-    presets.add_argument("--seq-len", type=int, default=128, help="sequence length for FLOPs (default: 128)")
+    presets.add_argument("--seq-len", type=positive_int, default=128, help="sequence length for FLOPs (default: 128)")
 
     pretrain = commands.add_parser(
         "pretrain", help="masked-LM + next-sentence pre-training of any preset (the IB-BERT teacher first)",
@@ -46,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, help="the prepared-data folder to write")
     prep.add_argument("--corpus", help="a source: builtin, a text file or folder, a parquet/json/arrow file, a hub id")
     prep.add_argument("--tokenizer", help="folder with tokenizer.json or vocab.txt (default: train one)")
-    prep.add_argument("--workers", type=int, help="worker processes (default: every core)")
+    prep.add_argument("--workers", type=positive_int, help="worker processes (default: every core)")
     prep.add_argument("--resume", action="store_true", help="continue an interrupted preparation")
     prep.add_argument("--overwrite", action="store_true", help="delete --out and start again")
 
@@ -75,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--teacher", help="task distillation: a checkpoint already fine-tuned on this task; the "
                                             "loss becomes distill.beta x task loss + (1 - beta) x KD on its outputs "
                                             "(or distill.teacher in the config)")
-    _add_run_arguments(finetune)
+    _add_run_arguments(finetune, "run folder: config.yaml, results.json and results.md (every trial's scores), "
+                                 "final/ (the best trial's model), trials/NAME/ (each trial a run folder)")
 
     evaluate = commands.add_parser(
         "evaluate", help="dev-set metrics of a fine-tuned checkpoint",
@@ -85,12 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", required=True, help="task name, as for finetune")
     evaluate.add_argument("--data-dir", help="GLUE TSV / SQuAD JSON folder (default: the hub; built-in: generated)")
     evaluate.add_argument("--split", help="split to score (default: the task's first dev split)")
-    evaluate.add_argument("--max-seq-length", type=int,
+    evaluate.add_argument("--max-seq-length", type=positive_int,
                           help="default: what the checkpoint was fine-tuned with on this task, else the task family's")
-    evaluate.add_argument("--doc-stride", type=int,
+    evaluate.add_argument("--doc-stride", type=positive_int,
                           help="QA window stride (default: the fine-tuning's, else the task family's)")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--max-examples", type=int, help="score only the first N examples")
+    evaluate.add_argument("--batch-size", type=positive_int, default=64)
+    evaluate.add_argument("--max-examples", type=positive_int, help="score only the first N examples")
 
     predict = commands.add_parser(
         "predict", help="a fine-tuned model (checkpoint or export) on your own text; JSON lines out",
@@ -109,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", help="TSV or JSON-lines file of examples ('-': standard input)")
     predict.add_argument("--out", help="write the JSON lines here instead of standard output")
     predict.add_argument("--task", help="only for a checkpoint without finetuning.json: the task of its head")
-    predict.add_argument("--batch-size", type=int, default=32)
-    predict.add_argument("--threads", type=int, help="CPU threads (default: the runtime's choice)")
+    predict.add_argument("--batch-size", type=positive_int, default=32)
+    predict.add_argument("--threads", type=positive_int, help="CPU threads (default: the runtime's choice)")
 
     squad_eval = commands.add_parser(
         "squad-eval", help="official SQuAD v1.1/v2.0 scoring of a predictions file; prints JSON",
@@ -126,11 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     from mobilebert.recipes.export import add_arguments as add_export_arguments
 
     export = commands.add_parser(
-        "export", help="ONNX fp32 / int8 (dynamic or static), torch int8 and AOTInductor packages, with a parity "
-                       "check against eager",
-        description="Export a checkpoint to ONNX (dynamic batch and sequence axes), int8, or an AOTInductor .pt2 "
-                    "package (fp32 or bf16), check it against the eager model, and write OUT/export.json with sizes, "
-                    "parity and versions.")
+        "export", help="ONNX fp32 / int8 (dynamic or static), torch int8, AOTInductor, ExecuTorch and LiteRT files, "
+                       "with a parity check against eager",
+        description="Export a checkpoint to ONNX (dynamic batch and sequence axes), int8, an AOTInductor .pt2 "
+                    "package (fp32 or bf16), an ExecuTorch program or a LiteRT (TFLite) model for phones (--format), "
+                    "check it against the eager model, and write OUT/export.json with sizes, parity and versions.")
     add_export_arguments(export)
 
     bench = commands.add_parser(
@@ -156,17 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0,
                       help="seed of every training run and fine-tuning (default: 0); the data stay the same, so "
                            "another seed shows how much the results move with training randomness alone")
-    demo.add_argument("--workers", type=int, default=2,
+    demo.add_argument("--workers", type=positive_int, default=2,
                       help="independent stages run side by side, each with its share of the threads (default: 2; "
                            "1 runs everything in turn)")
     return parser
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+RUN_FOLDER = "run folder: config.yaml, metrics.jsonl, checkpoints/, final/"
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, out_help: str = RUN_FOLDER) -> None:
     parser.add_argument("--config", help="YAML file of options: sections model, data, train (pretrain); distill, "
                                           "data, train (distill); model, task, search, distill, train (finetune). "
                                           "Any key can also be given as --section.key VALUE")
-    parser.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints/, final/")
+    parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete earlier results in --out and start again")
 

@@ -278,6 +278,7 @@ def test_export_command_rejects_bad_input(checkpoint, tmp_path):
         run_export([str(tmp_path), "--out", str(tmp_path / "o")])
     with pytest.raises(mb.UserError, match="no such calibration text file"):
         run_export([str(path), "--out", str(tmp_path / "o"), "--calibration-text", str(tmp_path / "none.txt")])
+    assert not (tmp_path / "o").exists()  # a refused export leaves no empty folder behind
     namespace = argparse.Namespace(checkpoint=str(path), out=str(tmp_path / "o"), format="coreml", task=None,
                                    max_seq_length=128, lengths=None, calibration=8, calibration_text=None,
                                    calibration_method="minmax", opset=17, threads=None, optimize=True)

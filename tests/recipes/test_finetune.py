@@ -20,7 +20,8 @@ from test_glue import FILES, write_files
 from mobilebert.config import preset
 from mobilebert.data.builtin_tasks import BUILTIN_TASKS, BuiltinSizes, write_builtin_tasks
 from mobilebert.data.glue import TASKS, load_task
-from mobilebert.data.tasks import get_task
+from mobilebert.data.tasks import get_task, load_squad_examples, load_text_examples
+from mobilebert.errors import UserError
 from mobilebert.finetuning import TaskSettings, load_split
 from mobilebert.heads import MobileBertForPreTraining
 from mobilebert.metrics import evaluate_v1
@@ -251,6 +252,22 @@ def test_builtin_tasks_are_written_in_glue_and_squad_formats_with_a_learnable_si
                 words = answer["text"].split()
                 assert (words[0], words[-1]) == (first, last) and 2 <= len(words) <= 5
                 assert paragraph["context"].split().count(first) == paragraph["context"].split().count(last) == 1
+
+
+def test_builtin_task_files_are_found_in_their_folder_or_its_parent_and_mistakes_name_the_builtin_task(tmp_path):
+    root = write_builtin_tasks(tmp_path, BuiltinSizes(train=20, dev=10, qa_train=10))
+    nxt, qa = get_task("builtin-next"), get_task("builtin-qa")
+    assert load_text_examples(nxt, "validation", root) == load_text_examples(nxt, "validation", root / nxt.name)
+    assert len(load_squad_examples(qa, "validation", root, training=False)) == 10
+    for call, message in [
+        (lambda: load_text_examples(nxt, "test", root), "builtin-next has no split 'test': choose one of train, "
+                                                        "validation"),
+        (lambda: load_text_examples(nxt, "train", tmp_path / "nope"), "no such folder (expected builtin-next's"),
+        (lambda: load_text_examples(nxt, "train", root / "builtin-qa"), "no builtin-next train file: neither "),
+        (lambda: load_squad_examples(qa, "validation", root / "builtin-next", False), "no builtin-qa validation"),
+    ]:
+        with pytest.raises(UserError, match=message.replace("(", r"\(")):
+            call()
 
 
 def _texts(labels):

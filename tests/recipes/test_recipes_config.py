@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -80,6 +81,16 @@ def test_bad_configs_name_the_key(tmp_path, text, overrides, message):
     path.write_text(text)
     with pytest.raises(UserError, match=message):
         load_config(Options, path, overrides)
+
+
+def test_a_bad_value_is_blamed_on_where_it_came_from(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 5\n")
+    with pytest.raises(UserError, match=r"^command line: train.steps must be int, got 'abc'$"):
+        load_config(Options, path, ["--train.steps", "abc"])
+    path.write_text("train:\n  steps: abc\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: train.steps must be int, got 'abc'$"):
+        load_config(Options, path, ["--lr", "1e-3"])
 
 
 def test_missing_file():

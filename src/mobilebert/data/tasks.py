@@ -93,13 +93,40 @@ def _glue_task(spec: TaskSpec, name: str, family: Family, builtin: bool = False)
 
 def load_text_examples(task: Task, split: str, data_dir: str | Path | None) -> list[TextExample]:
     """Classification/regression examples of a split, from TSV files under `data_dir` or from the hub."""
+    if task.builtin:
+        data_dir = _builtin_folder(task, split, data_dir, ".tsv")
     return load_task(task.glue.name, split, data_dir)
+
+
+_FILE_SPLITS = {"train": "train", "validation": "dev"}  # a split's name in GLUE's and SQuAD's file names
+
+
+def _builtin_folder(task: Task, split: str, data_dir: str | Path | None, suffix: str) -> Path:
+    """The folder that holds a built-in task's file of `split` (`dev.tsv`, `train-v1.1.json`, ...): `data_dir` or
+    its `task.name` folder, as `write_builtin_tasks` writes them. Checked here, so that a mistake is named after the
+    built-in task rather than the GLUE or SQuAD format it borrows."""
+    if split not in _FILE_SPLITS:
+        raise UserError(f"{task.name} has no split {split!r}: choose one of {', '.join(_FILE_SPLITS)}")
+    file_name = _FILE_SPLITS[split] + suffix
+    if data_dir is None:
+        raise UserError(f"{task.name}: no data folder given (`finetuning.task_data_dir` generates one)")
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder (expected {task.name}'s files; without a data folder they are "
+                        "generated)")
+    for candidate in (folder, folder / task.name):
+        if (candidate / file_name).is_file():
+            return candidate
+    raise UserError(f"no {task.name} {split} file: neither {folder / file_name} nor {folder / task.name / file_name} "
+                    "exists")
 
 
 def load_squad_examples(task: Task, split: str, data_dir: str | Path | None, training: bool) -> list[SquadExample]:
     """SQuAD examples: `data_dir/{train,dev}-v{1.1,2.0}.json` (the official files), or the hub's copy."""
+    if task.builtin:
+        data_dir = _builtin_folder(task, split, data_dir, f"-v{task.squad_version}.json")
     if data_dir is not None:
-        name = {"train": "train", "validation": "dev"}.get(split, split)
+        name = _FILE_SPLITS.get(split, split)
         return read_squad(Path(data_dir) / f"{name}-v{task.squad_version}.json", training=training)
     return _squad_from_hub(task.squad_version, split)
 

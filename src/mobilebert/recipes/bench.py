@@ -7,6 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from mobilebert.cli import positive_int
 from mobilebert.config import preset
 from mobilebert.deploy.backends import BUILDERS, DEFAULT_BACKENDS
 from mobilebert.deploy.bench import format_results, plot, run_bench
@@ -39,11 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="time this checkpoint's backbone instead of a random preset")
     parser.add_argument("--backends", nargs="+", metavar="NAME",
                         help=f"from {', '.join(BUILDERS)} (default: {' '.join(DEFAULT_BACKENDS)})")
-    parser.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, nargs="+", default=[128], help="sequence lengths, e.g. 128 384")
+    parser.add_argument("--threads", type=positive_int, default=2, help="threads for every runtime (default 2)")
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--seq", type=positive_int, nargs="+", default=[128], help="sequence lengths, e.g. 128 384")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repetitions", type=int, default=20, help="timed calls per backend, interleaved")
+    parser.add_argument("--repetitions", type=positive_int, default=20, help="timed calls per backend, interleaved")
     parser.add_argument("--plot", help="write a latency bar chart (PNG) here")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory column (one short extra process per backend)")

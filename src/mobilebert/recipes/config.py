@@ -26,11 +26,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if path is not None:
         data = _read_yaml(Path(path))
     for key, value in _parse_overrides(overrides or []):
-        section, _, leaf = _resolve_key(cls, key).partition(".")
+        dotted = _resolve_key(cls, key)
+        section, _, leaf = dotted.partition(".")
         target = data.setdefault(section, {}) if leaf else data
         if leaf and not isinstance(target, dict):
             raise UserError(f"config section '{section}' must be a mapping")
-        target[leaf or section] = value
+        # Checked here, so that a wrong value is blamed on the command line rather than on the config file.
+        target[leaf or section] = _coerce(value, _annotation(cls, dotted), dotted, "command line")
     return _build(cls, data, prefix="", source=str(path) if path else "defaults")
 
 
@@ -83,6 +85,13 @@ def _leaf_keys(cls: type) -> list[str]:
         else:
             keys.append(f.name)
     return keys
+
+
+def _annotation(cls: type, dotted: str) -> Any:
+    """The type of a key `_leaf_keys` lists (`train.lr`, or a top-level leaf)."""
+    section, _, leaf = dotted.partition(".")
+    kind = typing.get_type_hints(cls)[section]
+    return typing.get_type_hints(kind)[leaf] if leaf else kind
 
 
 def _resolve_key(cls: type, key: str) -> str:

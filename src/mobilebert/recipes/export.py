@@ -105,10 +105,8 @@ def main(args: argparse.Namespace) -> int:
     if args.format == "onnx-int8-static" and tokenizer is None:
         raise UserError(f"{args.checkpoint}: no tokenizer files; static quantization calibrates on real text and "
                         "needs the checkpoint's tokenizer")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # Real text: the first N examples calibrate (static only), the next EVAL_EXAMPLES measure agreement.
+    # Real text: the first N examples calibrate (static only), the next EVAL_EXAMPLES measure agreement. Read
+    # before OUT is made, so that a missing file leaves no empty folder behind.
     pairs = text_pairs(args.calibration_text) if tokenizer is not None else []
     n_cal = min(args.calibration, len(pairs)) if args.format == "onnx-int8-static" else 0
     calibration, held_out = pairs[:n_cal], pairs[n_cal:n_cal + EVAL_EXAMPLES] or pairs[-EVAL_EXAMPLES:]
@@ -118,6 +116,8 @@ def main(args: argparse.Namespace) -> int:
 
         batch = padded_to(batch, _length(model, args.max_seq_length), model.config.pad_token_id)
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     files, fp32_bytes, runners = export(model, args, out, tokenizer, calibration)
     _copy_side_files(checkpoint, out)
     parity = compare(model, runners, batch)
