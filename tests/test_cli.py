@@ -56,3 +56,22 @@ def test_counts_and_sizes_below_one_are_refused_before_anything_runs(capsys, arg
     assert stop.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.endswith(f"argument {flag}: must be at least 1, got {value}")
+
+
+def test_resume_and_overwrite_together_are_refused_for_every_training_command(capsys, tmp_path):
+    for command in ("prepare", "pretrain", "distill", "finetune"):
+        with pytest.raises(SystemExit) as stop:
+            main([command, "--out", str(tmp_path / command), "--resume", "--overwrite"])
+        assert stop.value.code == 2 and "--resume and --overwrite exclude each other" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_overwrite_never_deletes_a_folder_the_toolkit_did_not_write(capsys, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    for argv in (["prepare", "--corpus", "builtin"], ["finetune", "--checkpoint", "x", "--task", "rte"]):
+        assert main([*argv, "--out", str(mine), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert f"{mine}: exists and is not a" in err and "--overwrite will not delete it" in err, err
+    assert (mine / "thesis.tex").read_text() == "years of work"

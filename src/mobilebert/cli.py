@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="*", help="one example: its one or two texts")
     predict.add_argument("--input", help="TSV or JSON-lines file of examples ('-': standard input)")
     predict.add_argument("--out", help="write the JSON lines here instead of standard output")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     predict.add_argument("--task", help="only for a checkpoint without finetuning.json: the task of its head")
     predict.add_argument("--batch-size", type=positive_int, default=32)
     predict.add_argument("--threads", type=positive_int, help="CPU threads (default: the runtime's choice)")
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         args.texts, rest = args.texts + rest, []  # argparse leaves texts after an option (MODEL --task X A B) over
     if rest and args.command not in TRAINING_COMMANDS:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        parser.error("--resume and --overwrite exclude each other")
     args.overrides = rest
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

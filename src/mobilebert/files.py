@@ -71,3 +71,20 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def check_overwritable(path: Path, markers: tuple[str, ...], what: str) -> None:
+    """Before `--overwrite` deletes `path`: it must be missing, empty, or hold one of `markers` (the files that make
+    it one of our output folders, `what`), so that a mistyped --out never deletes a user's own folder."""
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and
+                                                 not any((path / m).exists() for m in markers))):
+        raise UserError(f"{path}: exists and is not {what}, so --overwrite will not delete it; choose another --out")
+
+
+def remove_output_folder(path: Path, markers: tuple[str, ...], what: str) -> None:
+    """`--overwrite`: delete `path` after `check_overwritable`."""
+    import shutil
+
+    check_overwritable(path, markers, what)
+    if path.exists():
+        shutil.rmtree(path)

@@ -30,8 +30,8 @@ INDUCTOR = ("compiled-bf16", "aoti-bf16")
 
 def test_bench_runs_the_default_backends_and_prints_json_last(tmp_path):
     backends = [b for b in DEFAULT_BACKENDS if b not in INDUCTOR]
-    report = run_bench(tmp_path, "--backends", *backends, "--plot", str(tmp_path / "bench.png"),
-                       "--no-memory")  # memory: the next test
+    report = run_bench(tmp_path, "--backends", *backends, "--plot", str(tmp_path / "new" / "bench.png"),
+                       "--no-memory")  # memory: the next test; the plot's folder is made
     conditions = report["conditions"]
     assert conditions["threads"] == 2 and conditions["batch"] == 2 and conditions["seq"] == 16
     assert conditions["matmul_peak_gflops"] > 0 and "torch" in conditions and "cpu" in conditions
@@ -47,7 +47,7 @@ def test_bench_runs_the_default_backends_and_prints_json_last(tmp_path):
     for name in ("onnx-int8", "torch-int8"):
         assert rows[name]["relative_error"] < 0.5, name  # int8 of random tiny weights: close, not exact
     assert rows["onnx-int8"]["size_mb"] < rows["onnx"]["size_mb"]
-    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert (tmp_path / "new" / "bench.png").stat().st_size > 0
 
 
 def test_bench_measures_peak_memory_in_fresh_processes(tmp_path):
@@ -83,11 +83,16 @@ def test_each_memory_measurement_gets_a_process_of_its_own():
 
 
 def test_bench_rejects_unknown_backends_and_too_long_sequences(tmp_path):
+    (tmp_path / "earlier.png").write_bytes(b"a chart")
     for args, message in ((["--backends", "gpu9000"], "unknown backend 'gpu9000'"),
-                          (["--preset", "mobilebert-test", "--seq", "4096"], "max_position_embeddings")):
+                          (["--preset", "mobilebert-test", "--seq", "4096"], "max_position_embeddings"),
+                          (["--preset", "mobilebert-test", "--plot", "chart.txt"], "name a .png, .svg or .pdf"),
+                          (["--preset", "mobilebert-test", "--plot", "earlier.png"], "exists; pass --overwrite")):
         result = subprocess.run([sys.executable, "-m", "mobilebert", "bench", *args], capture_output=True,
                                 text=True, cwd=tmp_path)
-        assert result.returncode == 2 and message in result.stderr
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert (tmp_path / "earlier.png").read_bytes() == b"a chart"
 
 
 def test_random_inputs_have_a_realistic_mask():

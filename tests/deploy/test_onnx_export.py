@@ -270,6 +270,19 @@ def test_export_command_task_and_builtin_calibration_text(checkpoint, tmp_path):
     assert OnnxModel(out / "model-int8-static.onnx").output_names == ["start_logits", "end_logits"]
 
 
+def test_an_earlier_export_is_replaced_only_when_asked(checkpoint, tmp_path):
+    path, _ = checkpoint
+    out = tmp_path / "out"
+    assert run_export([str(path), "--out", str(out), "--format", "onnx", "--max-seq-length", "16"]) == 0
+    with pytest.raises(mb.UserError, match=r"holds an export of .* \(onnx\); pass --overwrite"):
+        run_export([str(path), "--out", str(out), "--format", "onnx", "--max-seq-length", "16"])
+    assert run_export([str(path), "--out", str(out), "--format", "onnx-int8", "--max-seq-length", "16"]) == 0
+    assert {"model.onnx", "model-int8.onnx"} <= {p.name for p in out.iterdir()}  # another format joins it
+    assert run_export([str(path), "--out", str(out), "--format", "onnx", "--max-seq-length", "16",
+                       "--overwrite"]) == 0
+    assert not (out / "model-int8.onnx").exists() and json.loads((out / "export.json").read_text())["format"] == "onnx"
+
+
 def test_export_command_rejects_bad_input(checkpoint, tmp_path):
     path, _ = checkpoint
     with pytest.raises(mb.UserError, match="no such directory"):
@@ -279,6 +292,12 @@ def test_export_command_rejects_bad_input(checkpoint, tmp_path):
     with pytest.raises(mb.UserError, match="no such calibration text file"):
         run_export([str(path), "--out", str(tmp_path / "o"), "--calibration-text", str(tmp_path / "none.txt")])
     assert not (tmp_path / "o").exists()  # a refused export leaves no empty folder behind
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    for flags in ([], ["--overwrite"]):  # not an export folder: refused, and never deleted
+        with pytest.raises(mb.UserError, match="not empty|not an export folder"):
+            run_export([str(path), "--out", str(tmp_path / "mine"), *flags])
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     namespace = argparse.Namespace(checkpoint=str(path), out=str(tmp_path / "o"), format="coreml", task=None,
                                    max_seq_length=128, lengths=None, calibration=8, calibration_text=None,
                                    calibration_method="minmax", opset=17, threads=None, optimize=True)

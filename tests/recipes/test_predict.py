@@ -151,6 +151,19 @@ def test_bad_input_is_one_line(models, tmp_path, run_predict, args, stdin, messa
     assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
 
 
+def test_an_existing_out_file_is_kept_unless_asked_and_the_input_is_never_the_output(models, tmp_path, run_predict):
+    rte, out, tsv = str(models / "rte" / "final"), tmp_path / "out.jsonl", tmp_path / "pairs.tsv"
+    tsv.write_text("Dana Reeve died.\tReeve died.\n")
+    out.write_text("earlier results\n")
+    refused = run_predict(rte, "--input", str(tsv), "--out", str(out))
+    assert refused.returncode == 2 and "exists; pass --overwrite" in refused.stderr
+    assert out.read_text() == "earlier results\n"
+    assert run_predict(rte, "--input", str(tsv), "--out", str(tsv), "--overwrite").returncode == 2
+    assert tsv.read_text() == "Dana Reeve died.\tReeve died.\n"
+    assert run_predict(rte, "--input", str(tsv), "--out", str(out), "--overwrite").returncode == 0
+    assert json.loads(out.read_text())["input"]["text"] == "Dana Reeve died."
+
+
 def test_a_torch_int8_export_runs_the_quantized_model(models):
     from mobilebert.deploy.quantize import quantize_torch_dynamic
 

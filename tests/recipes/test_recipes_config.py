@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from mobilebert.errors import UserError
-from mobilebert.recipes.config import load_config, save_config
+from mobilebert.recipes.config import check_resume, load_config, save_config
 
 
 @dataclass
@@ -91,6 +91,23 @@ def test_a_bad_value_is_blamed_on_where_it_came_from(tmp_path):
     path.write_text("train:\n  steps: abc\n")
     with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: train.steps must be int, got 'abc'$"):
         load_config(Options, path, ["--lr", "1e-3"])
+
+
+def test_resuming_with_other_options_is_refused_when_finished_and_named_when_not(tmp_path, capsys):
+    opts = load_config(Options, None, ["--train.steps", "7"])
+    save_config(opts, tmp_path / "config.yaml")
+    check_resume(tmp_path, opts, finished=True)  # the same options: nothing to say
+    more = load_config(Options, None, ["--train.steps", "9", "--lr", "1e-4"])
+    with pytest.raises(UserError, match=r"finished with other options \(train.lr: 0.001 in it, 0.0001 now; "
+                                        r"train.steps: 7 in it, 9 now\): pass --overwrite"):
+        check_resume(tmp_path, more, finished=True)
+    check_resume(tmp_path, more, finished=True, ignore=("train.steps", "train.lr"))
+    check_resume(tmp_path, more, finished=False)
+    assert "was started with other options (train.lr: 0.001 in it" in capsys.readouterr().err
+    # A file from before an option existed: that option is not a change.
+    text = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(text.replace("  steps: 7\n", ""))
+    check_resume(tmp_path, load_config(Options, None, ["--train.steps", "9"]), finished=True)
 
 
 def test_missing_file():

@@ -32,7 +32,7 @@ from mobilebert.data import shard_work, sources
 from mobilebert.data.corpus import _text_files
 from mobilebert.data.pairs import PairSettings
 from mobilebert.errors import UserError
-from mobilebert.files import atomic_write, read_json, read_json_or_none
+from mobilebert.files import atomic_write, read_json, read_json_or_none, remove_output_folder
 
 FORMAT_VERSION = 1
 
@@ -196,9 +196,12 @@ def _prepare(settings: PrepareSettings, out: Path, tokenizer_dir: str | None, vo
     return _write_manifest(out, settings, tokenizer, request, done)
 
 
+PREPARED_MARKERS = ("request.json", "manifest.json", "shards", "tokenizer")  # what a preparation writes first
+
+
 def _claim(out: Path, resume: bool, overwrite: bool) -> None:
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    if overwrite:
+        remove_output_folder(out, PREPARED_MARKERS, "a prepared-data folder")
     if out.exists() and any(out.iterdir()) and not resume:
         state = "a finished" if (out / "manifest.json").is_file() else "an unfinished"
         if not (out / "request.json").is_file():

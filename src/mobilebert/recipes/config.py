@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -45,6 +46,41 @@ def save_config(options: Any, path: Path) -> None:
 
     text = yaml.safe_dump(to_dict(options), sort_keys=False)
     atomic_write(path, lambda p: p.write_text(text))
+
+
+def check_resume(folder: str | Path, options: Any, finished: bool, ignore: tuple[str, ...] = ()) -> None:
+    """`--resume` of a run folder whose config.yaml records other options (`ignore`: keys the recipe sets itself).
+    A finished run is refused: resuming it would do nothing, and its results are not these options'. An unfinished
+    one continues with the new options, after a warning that names them."""
+    path = Path(folder) / "config.yaml"
+    try:
+        earlier = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        earlier = None
+    if not isinstance(earlier, dict):
+        return
+    now = _flat(yaml.safe_load(yaml.safe_dump(to_dict(options), sort_keys=False)))
+    before = _flat(earlier)
+    # A key the earlier file lacks is an option added since (that run had its default): not a change.
+    changed = [f"{k}: {before[k]} in it, {now[k]} now" for k in now
+               if k in before and k not in ignore and before[k] != now[k]]
+    if not changed:
+        return
+    shown = "; ".join(changed[:3]) + (f"; {len(changed) - 3} more" if len(changed) > 3 else "")
+    if finished:
+        raise UserError(f"{folder} finished with other options ({shown}): pass --overwrite to run it again with "
+                        "these, or choose another --out")
+    print(f"warning: {folder} was started with other options ({shown}); resuming with these", file=sys.stderr)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not prefix:  # sections; a dict-valued option stays one value
+            flat.update(_flat(value, f"{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from mobilebert.distill.strategies import (
 )
 from mobilebert.errors import UserError
 from mobilebert.heads import MobileBertForPreTraining
-from mobilebert.recipes.config import load_config, save_config
+from mobilebert.recipes.config import check_resume, load_config, save_config
 from mobilebert.tokenizer import Tokenizer
 from mobilebert.train.loop import Engine, TrainOptions, micro_batches, open_run
 from mobilebert.train.optim import parameter_groups
@@ -170,6 +170,8 @@ def main(args: argparse.Namespace) -> int:
     if options.data.tokenizer is None:  # the teacher's vocabulary, so ids mean the same to both
         options.data = dataclasses.replace(options.data, tokenizer=str(transfer.teacher))
     check_options(options.data)
+    if args.resume:  # train.steps: set below from the transfer's plan
+        check_resume(args.out, options, finished=(Path(args.out) / "final").exists(), ignore=("train.steps",))
     opened = open_run(args.out, args.resume, args.overwrite, options.train.device)
     if opened is None:
         return 0

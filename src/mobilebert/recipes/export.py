@@ -36,7 +36,7 @@ from mobilebert.deploy.quantize import (
     state_dict_size,
 )
 from mobilebert.errors import UserError
-from mobilebert.files import atomic_write
+from mobilebert.files import atomic_write, check_overwritable, read_json_or_none, remove_output_folder
 from mobilebert.finetuning import FINETUNING_FILE
 from mobilebert.heads import TASK_MODELS
 from mobilebert.model import MobileBertModel
@@ -91,13 +91,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "package's parallel loops are built for (default: torch's, one per core); for "
                              "executorch, XNNPACK's threads for the parity check (default: one per core); for tflite, "
                              "LiteRT's (default: its own choice)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in --out (a folder holding export.json); without it, only "
+                             "another format of the same checkpoint may be added there")
     parser.add_argument("--no-optimize", dest="optimize", action="store_false",
                         help="export the eager model's graph instead of optimize_for_inference's (same outputs; the "
                              "optimized graph has NoNorm folded and the projections fused, and runs faster)")
 
 
+EXPORT_MARKERS = ("export.json",)  # written last: a folder that holds it is a finished export
+
+
 def main(args: argparse.Namespace) -> int:
     _check_arguments(args)
+    out = Path(args.out)
+    overwrite = getattr(args, "overwrite", False)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if overwrite:
+            check_overwritable(out, EXPORT_MARKERS, "an export folder")
+        else:  # another format of the same checkpoint may join it (fp32 beside int8); anything else is refused
+            record = out / "export.json"
+            earlier = (read_json_or_none(record) if record.is_file() else None) or {}
+            if earlier.get("checkpoint") != str(args.checkpoint) or earlier.get("format") == args.format:
+                held = (f"holds an export of {earlier.get('checkpoint')} ({earlier.get('format')})" if earlier
+                        else "exists and is not empty")
+                raise UserError(f"{out}: {held}; pass --overwrite to replace it, or choose another --out")
     checkpoint = resolve(args.checkpoint)
     cls = model_class(checkpoint, args.task)
     model = cls.from_pretrained(checkpoint)
@@ -116,7 +134,8 @@ def main(args: argparse.Namespace) -> int:
 
         batch = padded_to(batch, _length(model, args.max_seq_length), model.config.pad_token_id)
 
-    out = Path(args.out)
+    if overwrite:
+        remove_output_folder(out, EXPORT_MARKERS, "an export folder")
     out.mkdir(parents=True, exist_ok=True)
     files, fp32_bytes, runners = export(model, args, out, tokenizer, calibration)
     _copy_side_files(checkpoint, out)

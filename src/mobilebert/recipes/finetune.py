@@ -27,7 +27,7 @@ from mobilebert.data.squad import write_predictions
 from mobilebert.data.tasks import Task, get_task
 from mobilebert.distill.task import TaskDistillOptions, TaskTeacher, check_teacher
 from mobilebert.errors import UserError
-from mobilebert.files import atomic_write, json_text
+from mobilebert.files import atomic_write, check_overwritable, json_text, remove_output_folder
 from mobilebert.finetuning import (
     TaskData,
     TaskSettings,
@@ -43,7 +43,7 @@ from mobilebert.finetuning import (
     task_loss_sums,
     write_finetuning_record,
 )
-from mobilebert.recipes.config import load_config, save_config
+from mobilebert.recipes.config import check_resume, load_config, save_config
 from mobilebert.tables import format_table
 from mobilebert.tokenizer import Tokenizer
 from mobilebert.train.loop import Distributed, Engine, TrainOptions, micro_batches, setup_distributed
@@ -201,6 +201,9 @@ def dev_scores(model: torch.nn.Module, dev: list[TaskData], tokenizer: Tokenizer
     return results
 
 
+RUN_MARKERS = ("config.yaml", "results.json", "trials")  # what a fine-tuning run folder holds
+
+
 def main(args: argparse.Namespace) -> int:
     shorthand = [(key, getattr(args, name, None)) for name, key in (("checkpoint", "model.checkpoint"),
                                                                    ("task", "task.name"),
@@ -215,6 +218,10 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("ax is a diagnostic test set without training data: fine-tune mnli, whose run writes "
                         "AX.tsv predictions too")
     out = Path(args.out)
+    if args.overwrite:  # checked before any work; deleted once everything has been read
+        check_overwritable(out, RUN_MARKERS, "a fine-tuning run folder")
+    if args.resume:
+        check_resume(out, options, finished=(out / "results.json").is_file())
     if (out / "results.json").is_file() and not args.overwrite:
         if args.resume:
             print(f"{out / 'results.json'} is already complete; nothing to do")
@@ -235,8 +242,8 @@ def main(args: argparse.Namespace) -> int:
         check_teacher(options.distill, task, settings, options.model.checkpoint, tokenizer)
     dist = setup_distributed(options.train.device)
     if dist.is_main:
-        if out.exists() and args.overwrite:
-            shutil.rmtree(out)
+        if args.overwrite:
+            remove_output_folder(out, RUN_MARKERS, "a fine-tuning run folder")
         out.mkdir(parents=True, exist_ok=True)
         save_config(options, out / "config.yaml")
     dist.barrier()

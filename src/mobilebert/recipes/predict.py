@@ -14,6 +14,14 @@ from mobilebert.predict import Example, Predictor, check_example
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.out:  # checked before any work
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise UserError(f"{args.out}: its folder does not exist")
+        if args.input and args.input != "-" and out.resolve() == Path(args.input).resolve():
+            raise UserError(f"{args.out}: is the --input file; write the predictions elsewhere")
+        if out.exists() and not getattr(args, "overwrite", False):
+            raise UserError(f"{args.out}: exists; pass --overwrite to replace it, or choose another --out")
     predictor = Predictor.from_pretrained(args.model, task=args.task, threads=args.threads,
                                           batch_size=args.batch_size)
     fields = predictor.fields
@@ -37,8 +45,6 @@ def main(args: argparse.Namespace) -> int:
     text = "".join(json.dumps({"input": ex, **p}, ensure_ascii=False) + "\n"
                    for ex, p in zip(examples, predictions, strict=True))
     if args.out:
-        if not Path(args.out).parent.is_dir():
-            raise UserError(f"{args.out}: its folder does not exist")
         atomic_write(Path(args.out), lambda p: p.write_text(text, encoding="utf-8"))
         print(f"{len(examples)} predictions written to {args.out}", file=sys.stderr)
     else:

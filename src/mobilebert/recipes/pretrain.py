@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from mobilebert.data.training import (
 )
 from mobilebert.errors import UserError
 from mobilebert.heads import MobileBertForPreTraining
-from mobilebert.recipes.config import load_config, save_config
+from mobilebert.recipes.config import check_resume, load_config, save_config
 from mobilebert.tokenizer import Tokenizer
 from mobilebert.train.loop import Engine, TrainOptions, micro_batches, open_run
 from mobilebert.train.optim import check_schedule
@@ -78,6 +79,8 @@ def check_before_data(options: PretrainOptions) -> None:
 def main(args: argparse.Namespace) -> int:
     options = load_config(PretrainOptions, args.config, args.overrides)
     check_before_data(options)
+    if args.resume:
+        check_resume(args.out, options, finished=(Path(args.out) / "final").exists())
     opened = open_run(args.out, args.resume, args.overwrite, options.train.device)
     if opened is None:
         return 0
