@@ -137,6 +137,13 @@ def test_a_demo_folder_made_with_another_plan_is_refused_before_any_stage_runs(t
     assert "another plan" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["plan.json"]
 
+    other = tmp_path / "a-pretrain-run"  # a folder that is not a demo's: never written into
+    other.mkdir()
+    (other / "config.yaml").write_text("train: {}\n")
+    with pytest.raises(UserError, match="is not a demo folder"):
+        check_plan(other, QUICK, resuming=False)
+    assert sorted(p.name for p in other.iterdir()) == ["config.yaml"]
+
 
 def test_a_demo_seed_is_part_of_its_plan_and_a_plan_from_before_seeds_was_seed_0(tmp_path):
     from mobilebert.recipes.demo import QUICK, check_plan

@@ -294,6 +294,8 @@ def check_plan(out: Path, plan: DemoPlan, resuming: bool) -> None:
     if resuming:
         print(f"warning: {out} has finished stages from a version that did not record its plan: they are reused "
               "as they are (delete the folder to start again)")
+    elif any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not a demo folder (no plan.json); choose another --out")
     atomic_write(path, lambda p: p.write_text(json.dumps(recorded, indent=2) + "\n"))
 
 
