@@ -23,6 +23,7 @@ class Train:
     steps: int = 10
     bf16: bool = False
     micro: int | None = None
+    rates: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -61,6 +62,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     assert opts.model.preset == "ib-bert-demo"
     assert opts.train.lr == 1e-4 and opts.train.steps == 7 and opts.train.bf16 is True and opts.train.micro is None
     assert opts.model.overrides == {"num_hidden_layers": 2}
+    assert load_config(Options, None, ["--rates", "[1e-5, 3.0e-5, 2]"]).train.rates == [1e-5, 3e-5, 2.0]
     save_config(opts, tmp_path / "resolved.yaml")
     assert load_config(Options, tmp_path / "resolved.yaml") == opts
 
@@ -74,6 +76,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
     ("model: {preset: [x]}\n", [], "model.preset must be str"),
     ("a: [", [], "not valid YAML"),
     ("", ["--train.lr"], "needs a value"),
+    ("", ["--rates", "[1e-5, abc]"], "train.rates must be list\\[float\\], got '\\[1e-5, abc\\]'"),
     ("", ["stray"], "unexpected argument 'stray'"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, overrides, message):
@@ -108,6 +111,9 @@ def test_resuming_with_other_options_is_refused_when_finished_and_named_when_not
     text = (tmp_path / "config.yaml").read_text()
     (tmp_path / "config.yaml").write_text(text.replace("  steps: 7\n", ""))
     check_resume(tmp_path, load_config(Options, None, ["--train.steps", "9"]), finished=True)
+    # Values compared as the options' types read them: 1e-3 written without a dot is the float 0.001.
+    (tmp_path / "config.yaml").write_text("train:\n  lr: 1e-3\n  rates: [1e-5]\n")
+    check_resume(tmp_path, load_config(Options, None, ["--rates", "[1.0e-5]"]), finished=True)
 
 
 def test_missing_file():

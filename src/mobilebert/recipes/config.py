@@ -59,8 +59,12 @@ def check_resume(folder: str | Path, options: Any, finished: bool, ignore: tuple
         earlier = None
     if not isinstance(earlier, dict):
         return
-    now = _flat(yaml.safe_load(yaml.safe_dump(to_dict(options), sort_keys=False)))
-    before = _flat(earlier)
+    try:  # read as these options are, so that 1e-4 written by an older version equals 0.0001 now
+        typed = _build(type(options), earlier, prefix="", source=str(path))
+    except UserError:  # a key since removed: that file cannot be compared
+        return
+    now, written = (_flat(yaml.safe_load(yaml.safe_dump(to_dict(o), sort_keys=False))) for o in (options, typed))
+    before = {k: written[k] for k in _flat(earlier)}
     # A key the earlier file lacks is an option added since (that run had its default): not a change.
     changed = [f"{k}: {before[k]} in it, {now[k]} now" for k in now
                if k in before and k not in ignore and before[k] != now[k]]
@@ -190,7 +194,8 @@ def _coerce(value: Any, kind: Any, key: str, source: str) -> Any:
         converted = _convert(value, option)
         if converted is not _FAIL:
             return converted
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    names = " or ".join(str(o) if typing.get_args(o) else getattr(o, "__name__", str(o))
+                        for o in options if o is not type(None))
     raise UserError(f"{source}: {key} must be {names}, got {value!r}")
 
 
@@ -224,5 +229,11 @@ def _convert(value: Any, kind: Any) -> Any:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
                 return _FAIL
-        return origin(value) if isinstance(value, origin if origin is not tuple else (list, tuple)) else _FAIL
+        if not isinstance(value, origin if origin is not tuple else (list, tuple)):
+            return _FAIL
+        item = typing.get_args(kind)[0] if origin is list and typing.get_args(kind) else None
+        if item in (int, float):  # list[float]: YAML reads 1e-5 (no dot) as a string; "abc" must fail here
+            items = [_convert(v, item) for v in value]
+            return _FAIL if any(v is _FAIL for v in items) else items
+        return origin(value)
     return value if kind is Any else _FAIL
