@@ -123,6 +123,16 @@ def test_non_utf8_file_names_the_file_and_offset(tmp_path):
         read_text_files(tmp_path)
 
 
+def test_a_folder_is_read_for_its_text_files_and_says_which_data_files_it_leaves(tmp_path):
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "records.jsonl").write_text('{"text": "One doc."}\n')
+    with pytest.raises(UserError, match=r"has none; name its data files themselves as sources \(e.g. --corpus "):
+        read_text_files(tmp_path / "only")
+    (tmp_path / "only" / "notes.txt").write_text("Some notes here.\n")
+    with pytest.warns(UserWarning, match=r"reading its 1 .txt file\(s\) only; its 1 data file\(s\) \(records.jsonl\)"):
+        assert read_text_files(tmp_path / "only") == [["Some notes here."]]
+
+
 def test_missing_path_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         read_text_files(tmp_path / "missing.txt")
@@ -190,7 +200,8 @@ def test_read_dataset_groups_single_sentence_records(tmp_path):
 
 def test_missing_text_field_names_the_field_and_columns(tmp_path):
     datasets.Dataset.from_dict({"body": ["Some text."], "id": [1]}).to_parquet(str(tmp_path / "data.parquet"))
-    with pytest.raises(UserError, match="no text field 'text'; the columns are body, id"):
+    with pytest.raises(UserError, match=r"no text field 'text'; the columns are body, id \(choose one with "
+                                        r"--data.text_field NAME\)"):
         read_dataset(str(tmp_path / "data.parquet"))
 
 

@@ -152,6 +152,12 @@ def test_round_trip_v1_reproduces_every_gold_answer(tmp_path, tokenizer):
     assert sum(entry["probability"] for entry in best) == pytest.approx(1.0)
 
 
+def test_a_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    plain = squad_file(tmp_path / "dev.json", shifted_paragraphs(shifts=[0]))
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # as Windows Notepad saves UTF-8
+    assert read_squad(tmp_path / "bom.json", training=False) == read_squad(plain, training=False)
+
+
 def test_round_trip_covers_window_edges(tmp_path, tokenizer):
     """The shifted paragraphs put answers at the first and last context token of windows, and across edges."""
     examples = read_squad(squad_file(tmp_path / "dev.json", shifted_paragraphs()), training=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -85,11 +86,24 @@ def read_text_files(paths: str | Path | list[str | Path]) -> list[Document]:
     return documents
 
 
+_WARNED: set[Path] = set()
+
+
 def _text_files(paths: str | Path | list[str | Path]) -> list[Path]:
     files = []
     for path in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
         if path.is_dir():
-            files.extend(sorted(path.rglob("*.txt"), key=lambda p: p.relative_to(path).as_posix()))
+            texts = sorted(path.rglob("*.txt"), key=lambda p: p.relative_to(path).as_posix())
+            data = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.suffix in _DATA_FILE_BUILDERS)
+            if data and not texts:
+                raise UserError(f"{path}: a folder is read for its .txt files and has none; name its data files "
+                                f"themselves as sources (e.g. --corpus {path / data[0]})")
+            if data and path not in _WARNED:  # the folder is listed several times in a preparation: said once
+                _WARNED.add(path)
+                warnings.warn(f"{path}: reading its {len(texts)} .txt file(s) only; its {len(data)} data file(s) "
+                              f"({', '.join(data[:3])}{', ...' if len(data) > 3 else ''}) are not read: name them "
+                              "as sources themselves", stacklevel=2)
+            files.extend(texts)
         elif path.is_file():
             files.append(path)
         else:
@@ -127,7 +141,8 @@ def dataset_texts(source: str, split: str = "train", text_field: str = "text", s
     dataset = _open_dataset(source, split, streaming, config_name)
     columns = dataset.column_names  # None for some streamed datasets, whose columns are only known when read
     if columns is not None and text_field not in columns:
-        raise UserError(f"{source}: no text field {text_field!r}; the columns are {', '.join(columns)}")
+        raise UserError(f"{source}: no text field {text_field!r}; the columns are {', '.join(columns)} (choose one "
+                        "with --data.text_field NAME)")
     return _record_texts(dataset, source, text_field)
 
 

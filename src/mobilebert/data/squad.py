@@ -84,7 +84,7 @@ def _load_json(path: Path) -> list[Any]:
     if not path.is_file():
         raise UserError(f"{path}: no such SQuAD file")
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark, as Notepad writes
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not a JSON file ({e})") from None
     if not isinstance(content, dict) or not isinstance(content.get("data"), list):
