@@ -65,7 +65,7 @@ class Predictor:
         name = task or record.get("task")
         if not name:
             raise UserError(f"{path}: no {FINETUNING_FILE}: this is not a model fine-tuned by `mobilebert finetune` "
-                            "(or exported from one); pass --task to name the task of its head")
+                            "(or exported from one); name the task of its head (`--task`, or task= in Python)")
         spec = get_task(name)
         if spec.glue is None and spec.kind != "qa":
             raise UserError(f"{name}: not a task with text inputs")
