@@ -278,6 +278,9 @@ def test_an_earlier_export_is_replaced_only_when_asked(checkpoint, tmp_path):
         run_export([str(path), "--out", str(out), "--format", "onnx", "--max-seq-length", "16"])
     assert run_export([str(path), "--out", str(out), "--format", "onnx-int8", "--max-seq-length", "16"]) == 0
     assert {"model.onnx", "model-int8.onnx"} <= {p.name for p in out.iterdir()}  # another format joins it
+    with pytest.raises(mb.UserError, match="pass --overwrite"):  # onnx is there, though not the last export
+        run_export([str(path), "--out", str(out), "--format", "onnx", "--max-seq-length", "16"])
+    (out / "export.json").unlink()  # as an interrupted export leaves it: its model files, no export.json
     assert run_export([str(path), "--out", str(out), "--format", "onnx", "--max-seq-length", "16",
                        "--overwrite"]) == 0
     assert not (out / "model-int8.onnx").exists() and json.loads((out / "export.json").read_text())["format"] == "onnx"

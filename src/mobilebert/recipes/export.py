@@ -99,7 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "optimized graph has NoNorm folded and the projections fused, and runs faster)")
 
 
-EXPORT_MARKERS = ("export.json",)  # written last: a folder that holds it is a finished export
+# What only an export writes: export.json (last, when it finished) or a model file (an interrupted export).
+EXPORT_MARKERS = ("export.json", *FORMATS.values())
 
 
 def main(args: argparse.Namespace) -> int:
@@ -112,8 +113,9 @@ def main(args: argparse.Namespace) -> int:
         else:  # another format of the same checkpoint may join it (fp32 beside int8); anything else is refused
             record = out / "export.json"
             earlier = (read_json_or_none(record) if record.is_file() else None) or {}
-            if earlier.get("checkpoint") != str(args.checkpoint) or earlier.get("format") == args.format:
+            if earlier.get("checkpoint") != str(args.checkpoint) or (out / FORMATS[args.format]).exists():
                 held = (f"holds an export of {earlier.get('checkpoint')} ({earlier.get('format')})" if earlier
+                        else "holds an unfinished export" if any((out / m).exists() for m in EXPORT_MARKERS)
                         else "exists and is not empty")
                 raise UserError(f"{out}: {held}; pass --overwrite to replace it, or choose another --out")
     checkpoint = resolve(args.checkpoint)
