@@ -114,6 +114,9 @@ def test_resuming_with_other_options_is_refused_when_finished_and_named_when_not
     # Values compared as the options' types read them: 1e-3 written without a dot is the float 0.001.
     (tmp_path / "config.yaml").write_text("train:\n  lr: 1e-3\n  rates: [1e-5]\n")
     check_resume(tmp_path, load_config(Options, None, ["--rates", "[1.0e-5]"]), finished=True)
+    # A path spelled another way (`--out ./runs/demo` after `--out runs/demo`) is the same path.
+    save_config(load_config(Options, None, ["--preset", "runs/demo/teacher/final"]), tmp_path / "config.yaml")
+    check_resume(tmp_path, load_config(Options, None, ["--preset", "./runs/demo//teacher/final"]), finished=True)
 
 
 def test_missing_file():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 import types
 import typing
@@ -67,7 +68,7 @@ def check_resume(folder: str | Path, options: Any, finished: bool, ignore: tuple
     before = {k: written[k] for k in _flat(earlier)}
     # A key the earlier file lacks is an option added since (that run had its default): not a change.
     changed = [f"{k}: {before[k]} in it, {now[k]} now" for k in now
-               if k in before and k not in ignore and before[k] != now[k]]
+               if k in before and k not in ignore and _same(before[k]) != _same(now[k])]
     if not changed:
         return
     shown = "; ".join(changed[:3]) + (f"; {len(changed) - 3} more" if len(changed) > 3 else "")
@@ -75,6 +76,11 @@ def check_resume(folder: str | Path, options: Any, finished: bool, ignore: tuple
         raise UserError(f"{folder} finished with other options ({shown}): pass --overwrite to run it again with "
                         "these, or choose another --out")
     print(f"warning: {folder} was started with other options ({shown}); resuming with these", file=sys.stderr)
+
+
+def _same(value: Any) -> Any:
+    """A value as compared on resume: a path spelled `./runs/demo/x` or `runs//demo/x` is `runs/demo/x`."""
+    return os.path.normpath(value) if isinstance(value, str) and value else value
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
