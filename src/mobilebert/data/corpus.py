@@ -93,8 +93,9 @@ def _text_files(paths: str | Path | list[str | Path]) -> list[Path]:
     files = []
     for path in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
         if path.is_dir():
-            texts = sorted(path.rglob("*.txt"), key=lambda p: p.relative_to(path).as_posix())
-            data = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.suffix in _DATA_FILE_BUILDERS)
+            found = sorted(path.rglob("*"), key=lambda p: p.relative_to(path).as_posix())  # one walk of the tree
+            texts = [p for p in found if p.name.endswith(".txt")]
+            data = [p.relative_to(path).as_posix() for p in found if p.suffix in _DATA_FILE_BUILDERS]
             if data and not texts:
                 raise UserError(f"{path}: a folder is read for its .txt files and has none; name its data files "
                                 f"themselves as sources (e.g. --corpus {path / data[0]})")

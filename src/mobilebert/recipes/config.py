@@ -54,15 +54,10 @@ def check_resume(folder: str | Path, options: Any, finished: bool, ignore: tuple
     A finished run is refused: resuming it would do nothing, and its results are not these options'. An unfinished
     one continues with the new options, after a warning that names them."""
     path = Path(folder) / "config.yaml"
-    try:
-        earlier = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, yaml.YAMLError):
-        earlier = None
-    if not isinstance(earlier, dict):
-        return
     try:  # read as these options are, so that 1e-4 written by an older version equals 0.0001 now
+        earlier = _read_yaml(path)
         typed = _build(type(options), earlier, prefix="", source=str(path))
-    except UserError:  # a key since removed: that file cannot be compared
+    except UserError:  # no file, not YAML, or a key since removed: nothing to compare with
         return
     now, written = (_flat(yaml.safe_load(yaml.safe_dump(to_dict(o), sort_keys=False))) for o in (options, typed))
     before = {k: written[k] for k in _flat(earlier)}
